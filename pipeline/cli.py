@@ -1,0 +1,185 @@
+"""`dssn <stage> ...`: the single entry point the DVC stages call.
+
+Each command parses params.yaml into the typed config (bad params -> exit 2 before any work),
+calls one library function and writes its outputs. Errors print one clear line, not a trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from pipeline.config import ConfigError, Params, load_params
+
+
+def _root() -> Path:
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+
+
+def _dataset(params: Params, name: str):
+    if name not in params.datasets:
+        raise ConfigError(f"params: dataset {name!r} is not defined under `datasets` ({', '.join(params.datasets)})")
+    return params.datasets[name]
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(root))
+    except ValueError:
+        return str(path.resolve())
+
+
+def cmd_fetch(params: Params, root: Path, name: str) -> None:
+    """Generate (synthetic) or download/verify (real) a dataset into data/raw/<name>."""
+    ds = _dataset(params, name)
+    raw = root / params.paths.data / "raw" / name
+    raw.mkdir(parents=True, exist_ok=True)
+    src = ds.source
+    if ds.kind == "synthetic":
+        from pipeline.data.synthetic import generate
+
+        s = ds.synthetic
+        generate(raw / "VOC2012", s.n_train, s.n_val, s.size, s.seed)
+        source = {"voc_root": _rel(raw / "VOC2012", root), "sbd_root": None}
+    elif ds.kind == "voc":
+        from pipeline.data import fetch
+
+        kw = {k: v for k, v in {"url": src.url, "md5": src.md5}.items() if v}
+        voc = fetch.fetch_voc(raw, archive=_opt(src.archive, root), extracted=_opt(src.extracted, root), **kw)
+        sbd = None
+        if src.use_sbd:
+            kw = {k: v for k, v in {"url": src.sbd_url, "md5": src.sbd_md5}.items() if v}
+            sbd = fetch.fetch_sbd(raw, archive=_opt(src.sbd_archive, root), extracted=_opt(src.sbd_extracted, root),
+                                  **kw)
+        source = {"voc_root": _rel(voc, root), "sbd_root": _rel(sbd, root) if sbd else None}
+    else:
+        from pipeline.data import fetch
+
+        kw = {"base_url": src.url} if src.url else {}
+        cs = fetch.fetch_cityscapes(raw, extracted=_opt(src.extracted, root),
+                                    archives=_archives(src.archive, root), **kw)
+        source = {"cityscapes_root": _rel(cs, root)}
+    _write_json(raw / "source.json", {"kind": ds.kind, **source})
+    print(f"fetch {name}: {json.dumps(source)}")
+
+
+def _opt(p: str | None, root: Path) -> Path | None:
+    return None if p is None else (root / p).resolve()
+
+
+def _archives(spec: str | None, root: Path) -> dict[str, Path] | None:
+    """`archive` for Cityscapes names a folder holding the two official zips."""
+    if spec is None:
+        return None
+    folder = (root / spec).resolve()
+    return {z: folder / z for z in ("gtFine_trainvaltest.zip", "leftImg8bit_trainvaltest.zip")}
+
+
+def _write_json(path: Path, obj: object) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def cmd_prepare(params: Params, root: Path, name: str) -> None:
+    from pipeline.data.prepare import prepare_cityscapes, prepare_voc
+
+    ds = _dataset(params, name)
+    raw = root / params.paths.data / "raw" / name
+    meta_file = raw / "source.json"
+    if not meta_file.exists():
+        raise FileNotFoundError(f"{meta_file} is missing: run the fetch stage first (dvc repro fetch@{name})")
+    meta = json.loads(meta_file.read_text())
+    out = root / params.paths.data / "prepared" / name
+    if ds.kind == "cityscapes":
+        info = prepare_cityscapes(root / meta["cityscapes_root"], out)
+    else:
+        sbd = root / meta["sbd_root"] if meta.get("sbd_root") else None
+        info = prepare_voc(root / meta["voc_root"], out, sbd_root=sbd, num_classes=ds.num_classes)
+    print(f"prepare {name}: {info}")
+
+
+def cmd_splits(params: Params, root: Path, name: str) -> None:
+    from pipeline.data.splits import make_splits
+
+    ds = _dataset(params, name)
+    sp = ds.splits
+    prepared = root / params.paths.data / "prepared" / name
+    info = make_splits(prepared / "lists", root / params.paths.data / "splits" / name, sp.protocol, sp.names,
+                       source=sp.source, seed=sp.seed, official_root=_opt(sp.official_root, root))
+    print(f"splits {name}: {info}")
+
+
+def cmd_train(params: Params, root: Path, study: str) -> None:
+    from pipeline.orchestrate import run_study
+
+    if study not in params.studies:
+        raise ConfigError(f"params: study {study!r} is not defined under `studies` ({', '.join(params.studies)})")
+    summaries = run_study(params, study, root)
+    for s in summaries:
+        best = s.get("final/miou_best")
+        print(f"{s['cell']}: best mIoU {best:.2f}" if best is not None else s["cell"])
+
+
+def cmd_report(params: Params, root: Path) -> None:
+    from pipeline import report
+    from pipeline.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(params.paths.mlflow_uri, root)
+    results = root / params.paths.results
+    metrics: dict[str, float] = {}
+    for study, scfg in params.studies.items():
+        runs = results / "runs" / study
+        if not runs.exists() or not any(runs.glob("*.json")):
+            print(f"report: study {study} has no finished runs yet; skipped")
+            continue
+        df = report.load_runs(uri, [f"dssn/{study}"])
+        written = report.write_report(df, results, study, paper_table=scfg.paper_table)
+        for p in written:
+            print(f"report: wrote {_rel(p, root)}")
+        m = results / "metrics" / f"{study}.json"
+        if m.exists():
+            metrics.update({f"{study}/{k}": v for k, v in json.loads(m.read_text()).items()})
+    _write_json(results / "metrics.json", metrics)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dssn", description=__doc__)
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    for c in ("fetch", "prepare", "splits"):
+        sub.add_parser(c).add_argument("dataset")
+    sub.add_parser("train").add_argument("study")
+    sub.add_parser("report")
+    sub.add_parser("validate")
+    args = parser.parse_args(argv)
+    root = _root()
+    try:
+        params = load_params(root / args.params if not Path(args.params).is_absolute() else args.params)
+        if args.cmd == "validate":
+            print(f"{args.params}: OK ({len(params.datasets)} datasets, {len(params.studies)} studies)")
+        elif args.cmd == "report":
+            cmd_report(params, root)
+        elif args.cmd == "train":
+            cmd_train(params, root, args.study)
+        else:
+            {"fetch": cmd_fetch, "prepare": cmd_prepare, "splits": cmd_splits}[args.cmd](params, root, args.dataset)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - one clear line for every expected failure
+        from pipeline.data.errors import DataError
+        from pipeline.orchestrate import ResourceError
+
+        if isinstance(e, DataError | ResourceError | FileNotFoundError):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,398 @@
+"""params.yaml -> one frozen, validated config tree.
+
+Every error names the offending key (dotted path) and what was expected, so a typo in
+params.yaml fails before any data is touched or any GPU is reserved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A params.yaml problem; the message names the key and the expected value."""
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class PathsCfg:
+    data: str = "data"
+    results: str = "results"
+    ray_results: str = "ray_results"
+    mlflow_uri: str | None = None  # None -> sqlite:///<repo>/mlflow.db (MLFLOW_TRACKING_URI wins)
+    mlflow_artifacts: str = "mlartifacts"
+
+
+@dataclass(frozen=True)
+class SyntheticCfg:
+    n_train: int = 1536
+    n_val: int = 256
+    size: int = 64
+    seed: int = 0
+
+    def validate(self, key: str) -> None:
+        _check(self.n_train >= 16, f"{key}.n_train", "an integer >= 16", self.n_train)
+        _check(self.n_val >= 1, f"{key}.n_val", "an integer >= 1", self.n_val)
+        _check(32 <= self.size <= 512, f"{key}.size", "an integer in [32, 512]", self.size)
+
+
+@dataclass(frozen=True)
+class SourceCfg:
+    """Where a real dataset comes from: URL (default) or what the user already has offline."""
+
+    url: str | None = None
+    md5: str | None = None
+    archive: str | None = None  # an archive already on disk: verify + extract, no download
+    extracted: str | None = None  # an extracted tree already on disk: verify only
+    sbd_url: str | None = None
+    sbd_md5: str | None = None
+    sbd_archive: str | None = None
+    sbd_extracted: str | None = None
+    use_sbd: bool = True
+
+
+@dataclass(frozen=True)
+class SplitsCfg:
+    protocol: Literal["blended", "classic", "cityscapes", "random"] = "blended"
+    names: list[str] = field(default_factory=lambda: ["1_16", "1_8", "1_4"])
+    source: Literal["generate", "official"] = "generate"
+    official_root: str | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DatasetCfg:
+    kind: Literal["synthetic", "voc", "cityscapes"]
+    num_classes: int
+    splits: SplitsCfg = field(default_factory=SplitsCfg)
+    synthetic: SyntheticCfg | None = None
+    source: SourceCfg = field(default_factory=SourceCfg)
+    eval_mode: Literal["whole", "sliding"] = "whole"
+
+    def validate(self, key: str) -> None:
+        _check(2 <= self.num_classes <= 255, f"{key}.num_classes", "an integer in [2, 255]", self.num_classes)
+        if self.kind == "synthetic":
+            _check(self.synthetic is not None, f"{key}.synthetic", "a block (kind is synthetic)", None)
+            self.synthetic.validate(f"{key}.synthetic")  # type: ignore[union-attr]
+        _check(len(self.splits.names) > 0, f"{key}.splits.names", "a non-empty list", self.splits.names)
+
+
+@dataclass(frozen=True)
+class ModelCfg:
+    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet101"
+    deep_stem: bool = True  # the reference weights need the 3x(3x3) stem
+    output_stride: Literal[8, 16] = 16
+    aspp_rates: list[int] = field(default_factory=lambda: [6, 12, 18])
+    aspp_channels: int = 256
+    skip_channels: int = 48
+    decoder_channels: int = 256
+    pretrained: str | None = None  # URL or local path of a backbone state_dict
+
+    def validate(self, key: str) -> None:
+        _check(len(self.aspp_rates) == 3, f"{key}.aspp_rates", "three atrous rates", self.aspp_rates)
+        for k in ("aspp_channels", "skip_channels", "decoder_channels"):
+            v = getattr(self, k)
+            _check(v >= 8, f"{key}.{k}", "an integer >= 8", v)
+
+
+@dataclass(frozen=True)
+class TrainCfg:
+    epochs: int = 100
+    iters_per_epoch: int | None = None  # None -> one pass over the unlabeled list (reference rule)
+    batch_l: int = 8
+    batch_u: int = 8
+    crop: int = 513
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.002
+    head_lr_mult: float = 10.0
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    poly_power: float = 0.9
+    sup_loss: Literal["ce", "ohem"] = "ce"
+    ohem_thresh: float = 0.7
+    ohem_min_kept: int = 200_000
+    eval_every: int = 1
+    eval_batch: int = 1  # >1 only when all val images share one size
+    threads: int = 1  # torch intra-op threads per trial on CPU
+    workers: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True  # bf16 autocast on CUDA only
+    channels_last: bool = True  # CUDA only
+    compile: bool = False
+    log_images: int = 4  # prediction/ground-truth panels logged per trial
+
+    def validate(self, key: str) -> None:
+        _check(self.epochs >= 1, f"{key}.epochs", "an integer >= 1", self.epochs)
+        _check(self.iters_per_epoch is None or self.iters_per_epoch >= 1, f"{key}.iters_per_epoch",
+               "null or an integer >= 1", self.iters_per_epoch)
+        _check(self.batch_l >= 1 and self.batch_u >= 1, f"{key}.batch_l/batch_u", "integers >= 1",
+               (self.batch_l, self.batch_u))
+        _check(self.crop >= 32, f"{key}.crop", "an integer >= 32", self.crop)
+        _check(self.lr > 0, f"{key}.lr", "a positive float", self.lr)
+        _check(0 < self.ohem_thresh < 1, f"{key}.ohem_thresh", "a float in (0, 1)", self.ohem_thresh)
+        _check(self.threads >= 1, f"{key}.threads", "an integer >= 1", self.threads)
+
+
+@dataclass(frozen=True)
+class MethodCfg:
+    """Every switch of the DSSN step. Defaults = the released VOC code (dssn-method.md)."""
+
+    use_unlabeled: bool = True
+    teacher: bool = True  # EMA teacher gives the image-level pseudo-labels (False: UniMatch, student)
+    ema_keep: float = 0.996
+    n_fp: Literal[0, 1, 2] = 2  # feature-level (channel-dropout) views
+    fp_dropout: float = 0.5
+    fp_levels: Literal["both", "high"] = "both"  # code drops c1 and c4; the paper says high level only
+    selection: Literal["cplg", "fixed"] = "cplg"
+    r: float = 0.96
+    tau_low: float = 0.92
+    threshold: float = 0.95  # fixed-threshold selection (UniMatch, Fig. 4 baselines)
+    con_img: bool = True  # image-level logit consistency (s1 vs s2)
+    con_feat: bool = True  # feature-level logit consistency (fp vs Fp)
+    con_mode: Literal["zscore_mse", "raw_l2"] = "zscore_mse"  # code vs paper formula
+    w_s: float = 0.25  # gamma2 per image-level view
+    w_fp: float = 0.25  # gamma2 per feature-level view (UniMatch: 0.5 for its single view)
+    w_con: float = 0.01  # gamma1
+    global_scale: float = 0.5  # the code halves the whole objective
+    skip_strong_first_iter: bool = True
+    intensity_ops: bool = True  # DSSN-VOC extra random intensity ops
+    cutmix_p: float = 0.5
+
+    def validate(self, key: str) -> None:
+        _check(0 < self.r <= 1, f"{key}.r", "a float in (0, 1]", self.r)
+        _check(0 <= self.tau_low < 1, f"{key}.tau_low", "a float in [0, 1)", self.tau_low)
+        _check(0 <= self.threshold <= 1, f"{key}.threshold", "a float in [0, 1]", self.threshold)
+        _check(0 <= self.ema_keep < 1, f"{key}.ema_keep", "a float in [0, 1)", self.ema_keep)
+        _check(0 <= self.fp_dropout < 1, f"{key}.fp_dropout", "a float in [0, 1)", self.fp_dropout)
+        _check(0 <= self.cutmix_p <= 1, f"{key}.cutmix_p", "a float in [0, 1]", self.cutmix_p)
+        for k in ("w_s", "w_fp", "w_con", "global_scale"):
+            _check(getattr(self, k) >= 0, f"{key}.{k}", "a float >= 0", getattr(self, k))
+
+
+@dataclass(frozen=True)
+class RayCfg:
+    num_cpus: int | None = None  # local cluster size; None = all cores. Ignored with RAY_ADDRESS.
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float | None = None  # None = 1 if the cluster has GPUs else 0
+    max_concurrent: int | None = None
+    max_failures: int = 1
+
+    def validate(self, key: str) -> None:
+        _check(self.cpus_per_trial > 0, f"{key}.cpus_per_trial", "a float > 0", self.cpus_per_trial)
+        _check(self.gpus_per_trial is None or self.gpus_per_trial >= 0, f"{key}.gpus_per_trial",
+               "null or a float >= 0", self.gpus_per_trial)
+
+
+@dataclass(frozen=True)
+class OverridesCfg:
+    model: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+    method: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StudyCfg:
+    dataset: str
+    splits: list[str]
+    variants: list[str]
+    seeds: list[int] = field(default_factory=lambda: [0])
+    backbones: list[str] = field(default_factory=list)  # empty = model.backbone
+    paper_table: str | None = None
+    overrides: OverridesCfg = field(default_factory=OverridesCfg)
+
+
+@dataclass(frozen=True)
+class Params:
+    paths: PathsCfg
+    datasets: dict[str, DatasetCfg]
+    model: ModelCfg
+    train: TrainCfg
+    method: MethodCfg
+    ray: RayCfg
+    studies: dict[str, StudyCfg]
+
+
+# --------------------------------------------------------------------------- variants
+
+# Each variant is a set of MethodCfg overrides on the faithful default (= "dssn").
+VARIANTS: dict[str, dict[str, Any]] = {
+    "supervised": {"use_unlabeled": False, "teacher": False, "n_fp": 0},
+    "unimatch": {"teacher": False, "n_fp": 1, "selection": "fixed", "threshold": 0.95, "con_img": False,
+                 "con_feat": False, "w_fp": 0.5, "intensity_ops": False},
+    "dssn": {},
+    # Table 4: plain consistency / + dual-level contrastive / + CPLG / both (= dssn)
+    "t4_plain": {"selection": "fixed", "threshold": 0.95, "con_img": False, "con_feat": False},
+    "t4_contrastive": {"selection": "fixed", "threshold": 0.95},
+    "t4_cplg": {"con_img": False, "con_feat": False},
+    # Table 5: no contrastive / low (image-level) only / high (feature-level) only / both (= dssn)
+    "t5_none": {"con_img": False, "con_feat": False},
+    "t5_low": {"con_feat": False},
+    "t5_high": {"con_img": False},
+    # Fig. 4: fixed thresholds instead of CPLG
+    "f4_fixed092": {"selection": "fixed", "threshold": 0.92},
+    "f4_fixed096": {"selection": "fixed", "threshold": 0.96},
+}
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _check(ok: bool, key: str, expected: str, got: Any) -> None:
+    if not ok:
+        raise ConfigError(f"params: `{key}` must be {expected}, got {got!r}")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, building nested dataclasses."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else
+                          f"params: `{key}` must be {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"params: `{key}` must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"params: `{key}` must be a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"params: `{key}` must be a mapping, got {value!r}")
+        return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"params: `{key}` must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"params: `{key}` must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"params: `{key}` must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            raise ConfigError(f"params: `{key}` must be a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"params: `{key}`: unsupported type {tp}")  # pragma: no cover
+
+
+def build(cls: type, data: Any, key: str) -> Any:
+    """Build dataclass `cls` from a mapping: unknown keys and missing required keys are errors."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"params: `{key}` must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"params: unknown key `{key}.{unknown[0]}` (allowed: {', '.join(sorted(fields))})")
+    kwargs = {}
+    for name, f in fields.items():
+        sub = f"{key}.{name}" if key else name
+        if name in data:
+            kwargs[name] = _coerce(data[name], hints[name], sub)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"params: missing key `{sub}` ({_type_name(hints[name])})")
+    obj = cls(**kwargs)
+    if hasattr(obj, "validate"):
+        obj.validate(key)
+    return obj
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain-data view (for Ray param spaces, MLflow params and resolved-config artifacts)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def merge(base: Any, overrides: dict[str, Any], key: str) -> Any:
+    """A copy of dataclass `base` with `overrides` applied and re-validated."""
+    return build(type(base), {**to_dict(base), **overrides}, key)
+
+
+def method_for_variant(base: MethodCfg, variant: str, extra: dict[str, Any] | None = None) -> MethodCfg:
+    if variant not in VARIANTS:
+        raise ConfigError(f"params: unknown variant {variant!r} (known: {', '.join(VARIANTS)})")
+    return merge(base, {**(extra or {}), **VARIANTS[variant]}, f"method[{variant}]")
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml; raises ConfigError naming the key on any problem."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"params: file {path} not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"params: {path} is not valid YAML: {e}") from e
+    params = build(Params, raw, "")
+    for name, study in params.studies.items():
+        key = f"studies.{name}"
+        if study.dataset not in params.datasets:
+            raise ConfigError(f"params: `{key}.dataset` must name a dataset in `datasets` "
+                              f"({', '.join(params.datasets) or 'none defined'}), got {study.dataset!r}")
+        ds = params.datasets[study.dataset]
+        for s in study.splits:
+            if s not in ds.splits.names:
+                raise ConfigError(f"params: `{key}.splits` entry {s!r} is not built by "
+                                  f"`datasets.{study.dataset}.splits.names` {ds.splits.names}")
+        for v in study.variants:
+            if v not in VARIANTS:
+                raise ConfigError(f"params: `{key}.variants` entry {v!r} is unknown (known: {', '.join(VARIANTS)})")
+        _check(len(study.seeds) > 0 and len(study.variants) > 0 and len(study.splits) > 0, key,
+               "non-empty splits, variants and seeds", study)
+        # Overrides must be valid for the sections they patch.
+        model = merge(params.model, study.overrides.model, f"{key}.overrides.model")
+        merge(params.train, study.overrides.train, f"{key}.overrides.train")
+        merge(params.method, study.overrides.method, f"{key}.overrides.method")
+        for b in study.backbones:
+            merge(model, {"backbone": b}, f"{key}.backbones")
+    return params

@@ -1,0 +1,90 @@
+"""The DSSN training step — every view, pseudo-label, loss and weight on one screen.
+
+Defaults reproduce the released VOC code (see ../shared/spec/dssn-method.md §1–§4); every
+paper-vs-code difference and every baseline/ablation is a flag of `MethodCfg`, not a copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from pipeline.config import MethodCfg
+from pipeline.data.transforms import normalize
+from pipeline.method.cplg import cplg_mask, fixed_threshold_mask
+from pipeline.method.cutmix import paste, sample_boxes
+from pipeline.method.losses import consistency_loss, masked_ce
+from pipeline.method.strong_aug import strong_augment
+
+
+@dataclass
+class Batch:
+    """One iteration's inputs, uint8 images on the device (normalised inside the step)."""
+
+    x: Tensor  # labeled images (B, 3, S, S) uint8
+    y: Tensor  # labels (B, S, S) int64, 255 = ignore
+    u: Tensor | None = None  # unlabeled weak crops (B, 3, S, S) uint8
+    u_ign: Tensor | None = None  # bool, True = crop padding
+    m: Tensor | None = None  # second unlabeled batch: the CutMix partner
+    m_ign: Tensor | None = None
+
+
+def select(prob: Tensor, ignore: Tensor, cfg: MethodCfg) -> tuple[Tensor, Tensor]:
+    if cfg.selection == "cplg":
+        return cplg_mask(prob, r=cfg.r, tau_low=cfg.tau_low, ignore=ignore)
+    return fixed_threshold_mask(prob, threshold=cfg.threshold, ignore=ignore)
+
+
+def dssn_step(student: nn.Module, teacher: nn.Module | None, b: Batch, cfg: MethodCfg,
+              sup_loss, gen: torch.Generator, first_iter: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+    """Loss of one iteration and its parts (tensors, no host sync)."""
+    x = normalize(b.x.float() / 255.0)
+    if not cfg.use_unlabeled:  # supervised-only baseline: the same model, loader and schedule
+        loss_x = sup_loss(student(x), b.y)
+        return loss_x, {"loss_x": loss_x.detach()}
+
+    # Image-level views: two independent photometric draws + their own CutMix boxes.
+    u01, m01 = b.u.float() / 255.0, b.m.float() / 255.0
+    n, size = u01.shape[0], u01.shape[-1]
+    box1 = sample_boxes(n, size, cfg.cutmix_p, generator=gen, device=u01.device)
+    box2 = sample_boxes(n, size, cfg.cutmix_p, generator=gen, device=u01.device)
+    s1 = paste(strong_augment(u01, gen, cfg.intensity_ops), strong_augment(m01, gen, cfg.intensity_ops), box1)
+    s2 = paste(strong_augment(u01, gen, cfg.intensity_ops), strong_augment(m01, gen, cfg.intensity_ops), box2)
+
+    # Student: clean + feature-dropout views of [labeled, weak] in one pass, then both strong views.
+    outs = student(torch.cat([x, normalize(u01)]), n_fp=cfg.n_fp, fp_p=cfg.fp_dropout, fp_levels=cfg.fp_levels)
+    clean, fps = (outs[0], [o[len(x):] for o in outs[1:]]) if cfg.n_fp else (outs, [])
+    pred_x, pred_w = clean[: len(x)], clean[len(x):]
+    pred_s1, pred_s2 = student(torch.cat([normalize(s1), normalize(s2)])).chunk(2)
+
+    # Pseudo-labels. Image-level: EMA teacher (UniMatch: the student itself), weak outside the box,
+    # partner inside it, selected on the composited map. Feature-level: the student's own weak view.
+    with torch.no_grad():
+        if teacher is not None:
+            logit_w, logit_m = teacher(normalize(u01)), teacher(normalize(m01))
+        else:
+            student.eval()
+            logit_m = student(normalize(m01))
+            student.train()
+            logit_w = pred_w.detach()
+        t1, keep1 = select(paste(logit_w, logit_m, box1).softmax(1), paste(b.u_ign, b.m_ign, box1), cfg)
+        t2, keep2 = select(paste(logit_w, logit_m, box2).softmax(1), paste(b.u_ign, b.m_ign, box2), cfg)
+        tw, keepw = select(pred_w.detach().softmax(1), b.u_ign, cfg)
+    valid1, valid2, validw = ~paste(b.u_ign, b.m_ign, box1), ~paste(b.u_ign, b.m_ign, box2), ~b.u_ign
+
+    loss_x = sup_loss(pred_x, b.y)
+    loss_s = masked_ce(pred_s1, t1, keep1, valid1) + masked_ce(pred_s2, t2, keep2, valid2)
+    if first_iter and cfg.skip_strong_first_iter:
+        loss_s = loss_s * 0.0
+    loss_fp = sum((masked_ce(f, tw, keepw, validw) for f in fps), torch.zeros((), device=x.device))
+    zero = torch.zeros((), device=x.device)
+    con_img = consistency_loss(pred_s1, pred_s2, cfg.con_mode) if cfg.con_img else zero
+    con_feat = consistency_loss(fps[0], fps[1], cfg.con_mode) if cfg.con_feat and len(fps) == 2 else zero
+
+    loss = cfg.global_scale * (loss_x + cfg.w_s * loss_s + cfg.w_fp * loss_fp + cfg.w_con * (con_img + con_feat))
+    stats = {"loss_x": loss_x, "loss_s": loss_s, "loss_fp": loss_fp, "loss_con_img": con_img,
+             "loss_con_feat": con_feat, "mask_ratio": (keepw & validw).sum() / validw.sum().clamp(min=1),
+             "pl_labels": tw, "pl_keep": keepw & validw}
+    return loss, {k: v.detach() for k, v in stats.items()}

@@ -1,0 +1,250 @@
+"""Ray Tune: one experiment per study, one trial per cell (split x backbone x variant x seed).
+
+The driver is idempotent: the Ray experiment lives in `ray_results/<study>-<hash>` (outside
+DVC's outputs) and is restored when it exists, so finished trials are skipped and
+unfinished ones resume from their last epoch checkpoint and continue their MLflow run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.config import Params, flatten, merge, method_for_variant
+from pipeline.data.classes import class_names
+from pipeline.train import TrialSpec, fit
+
+ROLE_KEYS = ("dssn.study", "dssn.cell", "ray.trial_id")
+
+
+class ResourceError(RuntimeError):
+    """The study asks for resources the Ray cluster does not have."""
+
+
+@dataclass(frozen=True)
+class StudyPaths:
+    root: Path
+    data: Path
+    results: Path
+    ray_results: Path
+    artifacts: Path
+
+
+def study_paths(params: Params, root: Path) -> StudyPaths:
+    r = root.resolve()
+    p = params.paths
+    return StudyPaths(r, (r / p.data).resolve(), (r / p.results).resolve(), (r / p.ray_results).resolve(),
+                      (r / p.mlflow_artifacts).resolve())
+
+
+def split_info(split_dir: Path, split: str) -> dict[str, Any]:
+    meta = split_dir / split / "split.json"
+    if not meta.exists():
+        raise FileNotFoundError(f"{meta} is missing: run the `splits` stage first (dvc repro)")
+    return json.loads(meta.read_text())
+
+
+def study_specs(params: Params, study_name: str, root: Path) -> list[TrialSpec]:
+    """Expand a study into one TrialSpec per cell; all paths absolute (trials run elsewhere)."""
+    study = params.studies[study_name]
+    ds = params.datasets[study.dataset]
+    paths = study_paths(params, root)
+    base_model = merge(params.model, study.overrides.model, f"studies.{study_name}.overrides.model")
+    train = merge(params.train, study.overrides.train, f"studies.{study_name}.overrides.train")
+    method_base = merge(params.method, study.overrides.method, f"studies.{study_name}.overrides.method")
+    specs = []
+    for split in study.splits:
+        for backbone in study.backbones or [base_model.backbone]:
+            model = merge(base_model, {"backbone": backbone}, f"studies.{study_name}.backbones")
+            for variant in study.variants:
+                for seed in study.seeds:
+                    cell = f"{split}-{backbone}-{variant}-s{seed}"
+                    specs.append(TrialSpec(
+                        study=study_name, cell=cell, dataset_name=study.dataset, dataset=ds,
+                        class_names=class_names(ds.kind, ds.num_classes),
+                        root=str(paths.data / "prepared" / study.dataset),
+                        split_dir=str(paths.data / "splits" / study.dataset), split=split,
+                        protocol=ds.splits.protocol, variant=variant, seed=seed, model=model, train=train,
+                        method=method_for_variant(method_base, variant)))
+    return specs
+
+
+def connect_ray(num_cpus: int | None) -> dict[str, float]:
+    """Join RAY_ADDRESS when set, else start a private local cluster; returns its resources."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        else:
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+                     object_store_memory=256 * 1024**2, log_to_driver=True)
+    return ray.cluster_resources()
+
+
+def trial_resources(cluster: dict[str, float], cpus: float, gpus: float | None) -> dict[str, float]:
+    """Per-trial request; asking for GPUs the cluster lacks fails now instead of pending forever."""
+    have_gpu = cluster.get("GPU", 0.0)
+    have_cpu = cluster.get("CPU", 0.0)
+    if gpus is None:
+        gpus = 1.0 if have_gpu >= 1 else 0.0
+    if gpus > have_gpu:
+        raise ResourceError(f"ray.gpus_per_trial = {gpus} but the Ray cluster has {have_gpu:g} GPU(s); "
+                            "set ray.gpus_per_trial to 0 (CPU) or join a GPU cluster with RAY_ADDRESS")
+    if cpus > have_cpu:
+        raise ResourceError(f"ray.cpus_per_trial = {cpus} but the Ray cluster has {have_cpu:g} CPU(s)")
+    return {"cpu": cpus, "gpu": gpus}
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def _trainable(config: dict, specs: dict[str, dict], tracking: dict[str, str], runs_dir: str) -> None:
+    """One Tune trial: fit one cell, mirror every epoch to MLflow and a Tune checkpoint."""
+    from ray import tune
+
+    from pipeline.tracking import TrialRun, confusion_png
+
+    spec = TrialSpec.from_dict(specs[config["cell"]])
+    trial_id = tune.get_context().get_trial_id()
+    tags = {"dssn.study": spec.study, "dssn.cell": spec.cell, "dssn.dataset": spec.dataset_name,
+            "dssn.protocol": spec.protocol, "dssn.split": spec.split, "dssn.backbone": spec.model.backbone,
+            "dssn.variant": spec.variant, "dssn.seed": str(spec.seed), "ray.trial_id": trial_id,
+            "git.commit": tracking["git_commit"], "dvc.stage": tracking["dvc_stage"]}
+    info = split_info(Path(spec.split_dir), spec.split)
+    tags.update({"dssn.n_labeled": str(info["n_labeled"]), "dssn.n_train": str(info["n_train"])})
+    run = TrialRun(tracking["uri"], tracking["experiment_id"], tracking["parent_id"],
+                   f"{spec.study}/{spec.cell}", tags, flatten(spec.to_dict()))
+    resume = None
+    ckpt = tune.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            resume = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=False)
+    try:
+        def on_epoch(epoch: int, metrics: dict[str, float], state: dict) -> None:
+            run.log_metrics(metrics, step=epoch)
+            with tempfile.TemporaryDirectory() as d:
+                torch.save(state, Path(d) / "state.pt")
+                report = {k: v for k, v in metrics.items() if not k.startswith(("val_class", "pseudo_kept"))}
+                tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
+
+        summary = fit(spec, on_epoch, resume)
+        student, confusion = summary.pop("_student"), summary.pop("_confusion")
+        run.log_metrics(summary, step=int(summary["final/epochs"]))
+        run.log_json(spec.to_dict(), "config/resolved.json")
+        if confusion is not None:
+            run.log_json({"classes": spec.class_names, "matrix": confusion}, "eval/confusion.json")
+            run.log_png(confusion_png(confusion, spec.class_names), "eval/confusion.png")
+        panel = _predictions(student, spec)
+        if panel is not None:
+            run.log_png(panel, "eval/predictions.png")
+        out = {"cell": spec.cell, "mlflow_run_id": run.run_id, "ray_trial_id": trial_id,
+               **{k: v for k, v in summary.items() if not k.startswith("final/iou_")}}
+        runs = Path(runs_dir)
+        runs.mkdir(parents=True, exist_ok=True)
+        tmp = runs / f".{spec.cell}.json.tmp"
+        tmp.write_text(json.dumps(out, indent=2, sort_keys=True))
+        os.replace(tmp, runs / f"{spec.cell}.json")
+        run.finish("FINISHED")
+    except BaseException:
+        run.finish("FAILED")
+        raise
+
+
+def _predictions(student: torch.nn.Module, spec: TrialSpec) -> np.ndarray | None:
+    """[image | ground truth | prediction] for the first few validation images."""
+    from pipeline.data.datasets import SegList
+    from pipeline.data.transforms import normalize
+    from pipeline.tracking import prediction_panel
+
+    n = spec.train.log_images
+    if n <= 0:
+        return None
+    val = SegList(Path(spec.root), Path(spec.split_dir) / "val.txt", "val")
+    device = next(student.parameters()).device
+    student.eval()
+    imgs, gts, preds = [], [], []
+    with torch.no_grad():
+        for i in range(min(n, len(val))):
+            s = val[i]
+            logits = student(normalize(s["image"][None].to(device).float() / 255.0))
+            imgs.append(s["image"].permute(1, 2, 0).numpy())
+            gts.append(s["mask"].numpy().astype(np.uint8))
+            preds.append(logits.argmax(1)[0].cpu().numpy().astype(np.uint8))
+    return prediction_panel(imgs, gts, preds)
+
+
+def run_study(params: Params, study_name: str, root: Path) -> list[dict[str, Any]]:
+    """Run (or resume) every cell of a study on Ray; returns the per-cell final summaries."""
+    from ray import tune
+
+    from pipeline.tracking import ensure_experiment, finish_run, git_commit, resolve_tracking_uri, start_parent
+
+    paths = study_paths(params, root)
+    specs = study_specs(params, study_name, root)
+    for spec in specs:  # fail before starting Ray when a split is missing
+        split_info(Path(spec.split_dir), spec.split)
+    cluster = connect_ray(params.ray.num_cpus)
+    resources = trial_resources(cluster, params.ray.cpus_per_trial, params.ray.gpus_per_trial)
+
+    uri = resolve_tracking_uri(params.paths.mlflow_uri, paths.root)
+    exp_id = ensure_experiment(uri, f"dssn/{study_name}", paths.artifacts)
+    spec_dicts = {s.cell: s.to_dict() for s in specs}
+    name = f"{study_name}-{_hash(spec_dicts)}"
+    exp_dir = paths.ray_results / name
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    commit = git_commit(paths.root)
+    parent = start_parent(uri, exp_id, study_name, exp_dir / "mlflow_parent_run_id",
+                          {"git.commit": commit, "dvc.stage": os.environ.get("DVC_STAGE", ""),
+                           "ray.experiment": name, "dssn.n_trials": str(len(specs))})
+    runs_dir = paths.results / study_name / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    for stale in runs_dir.glob("*.json"):  # cells of an older definition of this study
+        if stale.stem not in spec_dicts:
+            stale.unlink()
+
+    tracking = {"uri": uri, "experiment_id": exp_id, "parent_id": parent, "git_commit": commit,
+                "dvc_stage": os.environ.get("DVC_STAGE", "")}
+    trainable = tune.with_resources(
+        tune.with_parameters(_trainable, specs=spec_dicts, tracking=tracking, runs_dir=str(runs_dir)), resources)
+    if tune.Tuner.can_restore(str(exp_dir)):
+        tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"cell": tune.grid_search(sorted(spec_dicts))},
+            tune_config=tune.TuneConfig(max_concurrent_trials=params.ray.max_concurrent),
+            run_config=tune.RunConfig(
+                name=name, storage_path=str(paths.ray_results), verbose=1,
+                failure_config=tune.FailureConfig(max_failures=params.ray.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
+        )
+    results = tuner.fit()
+    summaries = []
+    missing = []
+    for cell in sorted(spec_dicts):
+        f = runs_dir / f"{cell}.json"
+        if f.exists():
+            summaries.append(json.loads(f.read_text()))
+        else:
+            missing.append(cell)
+    if missing or results.num_errors:
+        finish_run(uri, parent, "FAILED")
+        errs = "; ".join(str(e).splitlines()[0] for e in results.errors[:3])
+        raise RuntimeError(f"study {study_name}: {len(missing)} of {len(spec_dicts)} trials did not finish "
+                           f"({', '.join(missing[:5])}). Re-run to resume them. First errors: {errs}")
+    finish_run(uri, parent, "FINISHED")
+    shutil.rmtree(exp_dir / ".tmp", ignore_errors=True)
+    return summaries

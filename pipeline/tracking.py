@@ -1,0 +1,165 @@
+"""MLflow: one experiment per study, a parent run per study, a child run per trial.
+
+Everything goes through an explicit `MlflowClient(tracking_uri)`: no global MLflow state,
+so Ray workers (other cwd, other process) can never log to the wrong store. A trial that
+is resumed finds its run by (`dssn.study`, `dssn.cell`, `ray.trial_id`) and continues it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from PIL import Image
+
+from pipeline.data.synthetic import voc_palette
+
+MAX_BATCH = 900  # MLflow caps a log_batch at 1000 metrics
+
+
+def resolve_tracking_uri(configured: str | None, root: Path) -> str:
+    """MLFLOW_TRACKING_URI wins, then params, then an absolute sqlite file in the repo."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or configured
+    if not uri:
+        return f"sqlite:///{(root / 'mlflow.db').resolve()}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{(root / uri.removeprefix('sqlite:///')).resolve()}"
+    return uri
+
+
+def git_commit(root: Path) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def ensure_experiment(uri: str, name: str, artifact_root: Path | None) -> str:
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    location = None
+    if artifact_root is not None and not uri.startswith("http"):
+        location = (artifact_root / name.replace("/", "_")).resolve().as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def start_parent(uri: str, experiment_id: str, study: str, state_file: Path, tags: dict[str, str]) -> str:
+    """Reuse the parent run recorded in `state_file` (a resumed study) or open a new one."""
+    client = MlflowClient(tracking_uri=uri)
+    if state_file.exists():
+        run_id = state_file.read_text().strip()
+        try:
+            run = client.get_run(run_id)
+            if run.info.lifecycle_stage == "active":
+                client.update_run(run_id, status="RUNNING")
+                return run_id
+        except Exception:  # noqa: BLE001 - a stale id: start a fresh parent
+            pass
+    run = client.create_run(experiment_id, run_name=study, tags={"role": "parent", "dssn.study": study, **tags})
+    state_file.parent.mkdir(parents=True, exist_ok=True)
+    state_file.write_text(run.info.run_id)
+    return run.info.run_id
+
+
+def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
+    MlflowClient(tracking_uri=uri).set_terminated(run_id, status)
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+class TrialRun:
+    """The MLflow child run of one trial."""
+
+    def __init__(self, uri: str, experiment_id: str, parent_id: str, name: str, tags: dict[str, str],
+                 params: dict[str, Any]):
+        self.client = MlflowClient(tracking_uri=uri)
+        query = (f"tags.`dssn.study` = '{tags['dssn.study']}' and tags.`dssn.cell` = '{tags['dssn.cell']}' "
+                 f"and tags.`ray.trial_id` = '{tags['ray.trial_id']}'")
+        found = self.client.search_runs([experiment_id], filter_string=query, max_results=1)
+        if found:
+            self.run_id = found[0].info.run_id
+            self.client.update_run(self.run_id, status="RUNNING")
+            self.resumed = True
+            return
+        run = self.client.create_run(experiment_id, run_name=name,
+                                     tags={"role": "trial", "mlflow.parentRunId": parent_id, **tags})
+        self.run_id, self.resumed = run.info.run_id, False
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i:i + 100])
+
+    def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if _finite(v)]
+        for i in range(0, len(items), MAX_BATCH):
+            self.client.log_batch(self.run_id, metrics=items[i:i + MAX_BATCH])
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_json(self, obj: Any, artifact_file: str) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / Path(artifact_file).name
+            path.write_text(json.dumps(obj, indent=2, default=str))
+            self.client.log_artifact(self.run_id, str(path), str(Path(artifact_file).parent) or None)
+
+    def log_file(self, path: Path, artifact_dir: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_dir)
+
+    def log_png(self, image: np.ndarray, artifact_file: str) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / Path(artifact_file).name
+            Image.fromarray(image).save(path)
+            parent = str(Path(artifact_file).parent)
+            self.client.log_artifact(self.run_id, str(path), None if parent == "." else parent)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status)
+
+
+def prediction_panel(images: list[np.ndarray], gts: list[np.ndarray], preds: list[np.ndarray]) -> np.ndarray:
+    """Rows of [image | ground truth | prediction], labels coloured with the VOC palette."""
+    pal = np.array(voc_palette(), dtype=np.uint8).reshape(256, 3)
+    rows = [np.concatenate([img, pal[gt], pal[pr]], axis=1) for img, gt, pr in zip(images, gts, preds, strict=True)]
+    width = max(r.shape[1] for r in rows)
+    rows = [np.pad(r, ((0, 2), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
+    return np.concatenate(rows, axis=0)
+
+
+def confusion_png(confusion: list[list[int]], class_names: list[str]) -> np.ndarray:
+    """Row-normalised confusion matrix as an RGB image (rendered with matplotlib, Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = np.asarray(confusion, dtype=float)
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    k = len(class_names)
+    fig, ax = plt.subplots(figsize=(max(4, 0.4 * k + 2), max(4, 0.4 * k + 2)), dpi=80)
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(k), class_names, rotation=90, fontsize=7)
+    ax.set_yticks(range(k), class_names, fontsize=7)
+    ax.set_xlabel("prediction")
+    ax.set_ylabel("ground truth")
+    fig.tight_layout()
+    fig.canvas.draw()
+    img = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return img
