@@ -124,6 +124,15 @@ def cmd_train(params: Params, root: Path, study: str) -> None:
         print(f"{s['cell']}: best mIoU {best:.2f}" if best is not None else s["cell"])
 
 
+def cmd_sweep(params: Params, root: Path, name: str) -> None:
+    from pipeline.sweep import run_sweep
+
+    if name not in params.sweeps:
+        raise ConfigError(f"params: sweep {name!r} is not defined under `sweeps` ({', '.join(params.sweeps)})")
+    for kind, path in run_sweep(params, name, root).items():
+        print(f"sweep {name}: {kind} -> {_rel(path, root)}")
+
+
 def cmd_report(params: Params, root: Path) -> None:
     from pipeline import report
     from pipeline.tracking import resolve_tracking_uri
@@ -153,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     for c in ("fetch", "prepare", "splits"):
         sub.add_parser(c).add_argument("dataset")
     sub.add_parser("train").add_argument("study")
+    sub.add_parser("sweep").add_argument("sweep")
     sub.add_parser("report")
     sub.add_parser("validate")
     args = parser.parse_args(argv)
@@ -165,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd_report(params, root)
         elif args.cmd == "train":
             cmd_train(params, root, args.study)
+        elif args.cmd == "sweep":
+            cmd_sweep(params, root, args.sweep)
         else:
             {"fetch": cmd_fetch, "prepare": cmd_prepare, "splits": cmd_splits}[args.cmd](params, root, args.dataset)
     except ConfigError as e:

@@ -211,6 +211,32 @@ class StudyCfg:
 
 
 @dataclass(frozen=True)
+class SweepCfg:
+    """A Ray Tune sweep over CPLG's r x tau_low around one cell of a study."""
+
+    study: str  # dataset, overrides and backbone come from this study
+    split: str
+    variant: str = "dssn"
+    seeds: list[int] = field(default_factory=lambda: [0])
+    r: list[float] = field(default_factory=lambda: [0.9, 0.94, 0.96, 0.98])
+    tau_low: list[float] = field(default_factory=lambda: [0.85, 0.9, 0.92, 0.95])
+    mode: Literal["grid", "explore"] = "grid"  # grid: full budget, for tables; explore: ASHA early stopping
+    search: Literal["random", "optuna"] = "optuna"  # explore mode: how (r, tau_low) are proposed
+    num_samples: int = 16  # explore mode: number of trials
+    grace_period: int = 1  # explore mode: epochs before ASHA may stop a trial
+    reduction_factor: int = 2
+
+    def validate(self, key: str) -> None:
+        for v in self.r:
+            _check(0 < v <= 1, f"{key}.r", "values in (0, 1]", v)
+        for v in self.tau_low:
+            _check(0 <= v < 1, f"{key}.tau_low", "values in [0, 1)", v)
+        _check(len(self.r) > 0 and len(self.tau_low) > 0, key, "non-empty r and tau_low lists", self)
+        _check(self.num_samples >= 1, f"{key}.num_samples", "an integer >= 1", self.num_samples)
+        _check(self.reduction_factor >= 2, f"{key}.reduction_factor", "an integer >= 2", self.reduction_factor)
+
+
+@dataclass(frozen=True)
 class Params:
     paths: PathsCfg
     datasets: dict[str, DatasetCfg]
@@ -219,6 +245,7 @@ class Params:
     method: MethodCfg
     ray: RayCfg
     studies: dict[str, StudyCfg]
+    sweeps: dict[str, SweepCfg] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- variants
@@ -395,4 +422,15 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         merge(params.method, study.overrides.method, f"{key}.overrides.method")
         for b in study.backbones:
             merge(model, {"backbone": b}, f"{key}.backbones")
+    for name, sw in params.sweeps.items():
+        key = f"sweeps.{name}"
+        if sw.study not in params.studies:
+            raise ConfigError(f"params: `{key}.study` must name a study in `studies` "
+                              f"({', '.join(params.studies)}), got {sw.study!r}")
+        study = params.studies[sw.study]
+        if sw.split not in params.datasets[study.dataset].splits.names:
+            raise ConfigError(f"params: `{key}.split` {sw.split!r} is not built by "
+                              f"`datasets.{study.dataset}.splits.names`")
+        if sw.variant not in VARIANTS:
+            raise ConfigError(f"params: `{key}.variant` {sw.variant!r} is unknown (known: {', '.join(VARIANTS)})")
     return params

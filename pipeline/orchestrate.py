@@ -7,11 +7,11 @@ unfinished ones resume from their last epoch checkpoint and continue their MLflo
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,33 +112,43 @@ def _hash(obj: Any) -> str:
 
 
 def _trainable(config: dict, specs: dict[str, dict], tracking: dict[str, str], runs_dir: str) -> None:
-    """One Tune trial: fit one cell, mirror every epoch to MLflow and a Tune checkpoint."""
+    """One Tune trial: fit one cell, mirror every epoch to MLflow and to the cell's checkpoint.
+
+    Idempotent on its own, whatever Tune remembers: a cell whose result file exists returns at
+    once; an unfinished cell resumes from `<experiment>/cells/<cell>/state.pt` and continues
+    the MLflow run found by (experiment, cell), so a killed driver never duplicates work or runs.
+    """
     from ray import tune
 
     from pipeline.tracking import TrialRun, confusion_png
 
     spec = TrialSpec.from_dict(specs[config["cell"]])
+    if "r" in config or "tau_low" in config:  # a sweep trial: CPLG parameters come from the search
+        r, tau = float(config.get("r", spec.method.r)), float(config.get("tau_low", spec.method.tau_low))
+        spec = dataclasses.replace(spec, cell=f"{spec.cell}-r{r:.4f}-t{tau:.4f}",
+                                   method=merge(spec.method, {"r": r, "tau_low": tau}, "sweep"))
+    result_file = Path(runs_dir) / f"{spec.cell}.json"
+    if result_file.exists():
+        return
     trial_id = tune.get_context().get_trial_id()
     tags = {"dssn.study": spec.study, "dssn.cell": spec.cell, "dssn.dataset": spec.dataset_name,
             "dssn.protocol": spec.protocol, "dssn.split": spec.split, "dssn.backbone": spec.model.backbone,
             "dssn.variant": spec.variant, "dssn.seed": str(spec.seed), "ray.trial_id": trial_id,
-            "git.commit": tracking["git_commit"], "dvc.stage": tracking["dvc_stage"]}
+            "ray.experiment": tracking["experiment"], "git.commit": tracking["git_commit"],
+            "dvc.stage": tracking["dvc_stage"]}
     info = split_info(Path(spec.split_dir), spec.split)
     tags.update({"dssn.n_labeled": str(info["n_labeled"]), "dssn.n_train": str(info["n_train"])})
     run = TrialRun(tracking["uri"], tracking["experiment_id"], tracking["parent_id"],
                    f"{spec.study}/{spec.cell}", tags, flatten(spec.to_dict()))
-    resume = None
-    ckpt = tune.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            resume = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=False)
+    ckpt = Path(tracking["exp_dir"]) / "cells" / spec.cell / "state.pt"
+    resume = torch.load(ckpt, map_location="cpu", weights_only=False) if ckpt.exists() else None
     try:
         def on_epoch(epoch: int, metrics: dict[str, float], state: dict) -> None:
             run.log_metrics(metrics, step=epoch)
-            with tempfile.TemporaryDirectory() as d:
-                torch.save(state, Path(d) / "state.pt")
-                report = {k: v for k, v in metrics.items() if not k.startswith(("val_class", "pseudo_kept"))}
-                tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(state, ckpt.with_suffix(".tmp"))
+            os.replace(ckpt.with_suffix(".tmp"), ckpt)
+            tune.report({k: v for k, v in metrics.items() if not k.startswith(("val_class", "pseudo_kept"))})
 
         summary = fit(spec, on_epoch, resume)
         student, confusion = summary.pop("_student"), summary.pop("_confusion")
@@ -150,13 +160,15 @@ def _trainable(config: dict, specs: dict[str, dict], tracking: dict[str, str], r
         panel = _predictions(student, spec)
         if panel is not None:
             run.log_png(panel, "eval/predictions.png")
-        out = {"cell": spec.cell, "mlflow_run_id": run.run_id, "ray_trial_id": trial_id,
+        run.set_tags({"checkpoint": str(ckpt)})
+        out = {"cell": spec.cell, "mlflow_run_id": run.run_id, "ray_trial_id": trial_id, "split": spec.split,
+               "variant": spec.variant, "seed": spec.seed, "backbone": spec.model.backbone,
+               "method.r": spec.method.r, "method.tau_low": spec.method.tau_low,
                **{k: v for k, v in summary.items() if not k.startswith("final/iou_")}}
-        runs = Path(runs_dir)
-        runs.mkdir(parents=True, exist_ok=True)
-        tmp = runs / f".{spec.cell}.json.tmp"
+        result_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = result_file.with_name(f".{result_file.name}.tmp")
         tmp.write_text(json.dumps(out, indent=2, sort_keys=True))
-        os.replace(tmp, runs / f"{spec.cell}.json")
+        os.replace(tmp, result_file)
         run.finish("FINISHED")
     except BaseException:
         run.finish("FAILED")
@@ -188,53 +200,73 @@ def _predictions(student: torch.nn.Module, spec: TrialSpec) -> np.ndarray | None
 
 def run_study(params: Params, study_name: str, root: Path) -> list[dict[str, Any]]:
     """Run (or resume) every cell of a study on Ray; returns the per-cell final summaries."""
+    specs = study_specs(params, study_name, root)
+    paths = study_paths(params, root)
+    out = run_cells(params, root, study_name, specs, paths.results / "runs" / study_name)
+    return out["summaries"]
+
+
+def run_cells(params: Params, root: Path, name: str, specs: list[TrialSpec], runs_dir: Path,
+              search: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One Ray Tune experiment over `specs` (a grid), or a search around them when `search` is set.
+
+    `search` = {"space": {param: tune domain}, "num_samples": n, "scheduler": ..., "search_alg": ...,
+    "metric": ..., "mode": ...}: exploration sweeps (ASHA/Optuna) whose trials may be stopped early.
+    """
     from ray import tune
 
-    from pipeline.tracking import ensure_experiment, finish_run, git_commit, resolve_tracking_uri, start_parent
+    from pipeline.tracking import (ensure_experiment, finish_run, git_commit, mark_unfinished,
+                                   resolve_tracking_uri, start_parent)
 
     paths = study_paths(params, root)
-    specs = study_specs(params, study_name, root)
     for spec in specs:  # fail before starting Ray when a split is missing
         split_info(Path(spec.split_dir), spec.split)
     cluster = connect_ray(params.ray.num_cpus)
     resources = trial_resources(cluster, params.ray.cpus_per_trial, params.ray.gpus_per_trial)
 
     uri = resolve_tracking_uri(params.paths.mlflow_uri, paths.root)
-    exp_id = ensure_experiment(uri, f"dssn/{study_name}", paths.artifacts)
+    exp_id = ensure_experiment(uri, f"dssn/{name}", paths.artifacts)
     spec_dicts = {s.cell: s.to_dict() for s in specs}
-    name = f"{study_name}-{_hash(spec_dicts)}"
-    exp_dir = paths.ray_results / name
+    exp_name = f"{name}-{_hash([spec_dicts, repr(search)])}"
+    exp_dir = paths.ray_results / exp_name
     exp_dir.mkdir(parents=True, exist_ok=True)
     commit = git_commit(paths.root)
-    parent = start_parent(uri, exp_id, study_name, exp_dir / "mlflow_parent_run_id",
+    parent = start_parent(uri, exp_id, name, exp_dir / "mlflow_parent_run_id",
                           {"git.commit": commit, "dvc.stage": os.environ.get("DVC_STAGE", ""),
-                           "ray.experiment": name, "dssn.n_trials": str(len(specs))})
-    runs_dir = paths.results / study_name / "runs"
+                           "ray.experiment": exp_name, "dssn.n_cells": str(len(specs))})
     runs_dir.mkdir(parents=True, exist_ok=True)
-    for stale in runs_dir.glob("*.json"):  # cells of an older definition of this study
-        if stale.stem not in spec_dicts:
-            stale.unlink()
+    if search is None:
+        for stale in runs_dir.glob("*.json"):  # cells of an older definition of this study
+            if stale.stem not in spec_dicts:
+                stale.unlink()
 
     tracking = {"uri": uri, "experiment_id": exp_id, "parent_id": parent, "git_commit": commit,
-                "dvc_stage": os.environ.get("DVC_STAGE", "")}
+                "dvc_stage": os.environ.get("DVC_STAGE", ""), "experiment": exp_name, "exp_dir": str(exp_dir)}
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, specs=spec_dicts, tracking=tracking, runs_dir=str(runs_dir)), resources)
     if tune.Tuner.can_restore(str(exp_dir)):
         tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_errored=True)
     else:
+        if search is None:
+            space = {"cell": tune.grid_search(sorted(spec_dicts))}
+            tune_cfg = tune.TuneConfig(max_concurrent_trials=params.ray.max_concurrent)
+        else:
+            space = {"cell": tune.grid_search(sorted(spec_dicts)), **search["space"]}
+            tune_cfg = tune.TuneConfig(metric=search["metric"], mode=search["mode"],
+                                       num_samples=search["num_samples"], scheduler=search.get("scheduler"),
+                                       search_alg=search.get("search_alg"),
+                                       max_concurrent_trials=params.ray.max_concurrent)
         tuner = tune.Tuner(
-            trainable,
-            param_space={"cell": tune.grid_search(sorted(spec_dicts))},
-            tune_config=tune.TuneConfig(max_concurrent_trials=params.ray.max_concurrent),
+            trainable, param_space=space, tune_config=tune_cfg,
             run_config=tune.RunConfig(
-                name=name, storage_path=str(paths.ray_results), verbose=1,
+                name=exp_name, storage_path=str(paths.ray_results), verbose=1,
                 failure_config=tune.FailureConfig(max_failures=params.ray.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
+            ),
         )
     results = tuner.fit()
-    summaries = []
-    missing = []
-    for cell in sorted(spec_dicts):
+    mark_unfinished(uri, exp_id, name, "KILLED")  # trials stopped early by a scheduler
+    summaries, missing = [], []
+    for cell in sorted(spec_dicts) if search is None else []:
         f = runs_dir / f"{cell}.json"
         if f.exists():
             summaries.append(json.loads(f.read_text()))
@@ -243,8 +275,8 @@ def run_study(params: Params, study_name: str, root: Path) -> list[dict[str, Any
     if missing or results.num_errors:
         finish_run(uri, parent, "FAILED")
         errs = "; ".join(str(e).splitlines()[0] for e in results.errors[:3])
-        raise RuntimeError(f"study {study_name}: {len(missing)} of {len(spec_dicts)} trials did not finish "
-                           f"({', '.join(missing[:5])}). Re-run to resume them. First errors: {errs}")
+        raise RuntimeError(f"{name}: {len(missing)} of {len(spec_dicts)} trials did not finish "
+                           f"({', '.join(missing[:5])}), {results.num_errors} errored. "
+                           f"Re-run to resume them. First errors: {errs}")
     finish_run(uri, parent, "FINISHED")
-    shutil.rmtree(exp_dir / ".tmp", ignore_errors=True)
-    return summaries
+    return {"summaries": summaries, "results": results, "experiment": exp_name}

@@ -2,7 +2,7 @@
 
 Everything goes through an explicit `MlflowClient(tracking_uri)`: no global MLflow state,
 so Ray workers (other cwd, other process) can never log to the wrong store. A trial that
-is resumed finds its run by (`dssn.study`, `dssn.cell`, `ray.trial_id`) and continues it.
+is resumed finds its run by (`ray.experiment`, `dssn.cell`) and continues it.
 """
 
 from __future__ import annotations
@@ -79,6 +79,14 @@ def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     MlflowClient(tracking_uri=uri).set_terminated(run_id, status)
 
 
+def mark_unfinished(uri: str, experiment_id: str, study: str, status: str = "KILLED") -> None:
+    """Close trial runs left RUNNING (trials stopped early by ASHA end without a goodbye)."""
+    client = MlflowClient(tracking_uri=uri)
+    query = f"tags.`dssn.study` = '{study}' and tags.role = 'trial' and attributes.status = 'RUNNING'"
+    for run in client.search_runs([experiment_id], filter_string=query, max_results=10_000):
+        client.set_terminated(run.info.run_id, status)
+
+
 def _finite(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -89,12 +97,13 @@ class TrialRun:
     def __init__(self, uri: str, experiment_id: str, parent_id: str, name: str, tags: dict[str, str],
                  params: dict[str, Any]):
         self.client = MlflowClient(tracking_uri=uri)
-        query = (f"tags.`dssn.study` = '{tags['dssn.study']}' and tags.`dssn.cell` = '{tags['dssn.cell']}' "
-                 f"and tags.`ray.trial_id` = '{tags['ray.trial_id']}'")
+        query = (f"tags.`ray.experiment` = '{tags['ray.experiment']}' and tags.`dssn.cell` = '{tags['dssn.cell']}' "
+                 "and tags.role = 'trial'")
         found = self.client.search_runs([experiment_id], filter_string=query, max_results=1)
-        if found:
+        if found:  # a resumed or retried trial continues its run
             self.run_id = found[0].info.run_id
             self.client.update_run(self.run_id, status="RUNNING")
+            self.set_tags({"ray.trial_id": tags["ray.trial_id"]})
             self.resumed = True
             return
         run = self.client.create_run(experiment_id, run_name=name,

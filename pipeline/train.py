@@ -7,6 +7,7 @@ the orchestrator turns into Tune reports, MLflow metrics and checkpoints.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -94,6 +95,68 @@ class _Accum:
         return {k: float(v) / max(self.n, 1) for k, v in self.sums.items()}
 
 
+class Trainer:
+    """Student, EMA teacher, optimizer and one optimisation step — shared by `fit` and bench/step.py.
+
+    The fast path (bf16 autocast, channels-last, torch.compile, foreach/fused optimizer and EMA)
+    is on by default on CUDA and each part has its own switch in `TrainCfg`; a compile failure
+    falls back to eager on the first step.
+    """
+
+    def __init__(self, model_cfg: ModelCfg, cfg: TrainCfg, mcfg: MethodCfg, num_classes: int,
+                 device: torch.device):
+        self.cfg, self.mcfg, self.device = cfg, mcfg, device
+        self.student = build_model(model_cfg, num_classes).to(device)
+        self.teacher = make_teacher(self.student) if (mcfg.use_unlabeled and mcfg.teacher) else None
+        cuda = device.type == "cuda"
+        if cuda and cfg.channels_last:
+            self.student = self.student.to(memory_format=torch.channels_last)
+            if self.teacher is not None:
+                self.teacher = self.teacher.to(memory_format=torch.channels_last)
+        groups = self.student.param_groups(cfg.lr, cfg.head_lr_mult)
+        fast = {"fused": True} if cuda else {"foreach": True}
+        if cfg.optimizer == "sgd":
+            self.opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **fast)
+        else:
+            self.opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **fast)
+        if cfg.sup_loss == "ohem":
+            self.sup_loss = functools.partial(ohem_ce, thresh=cfg.ohem_thresh, min_kept=cfg.ohem_min_kept)
+        else:
+            self.sup_loss = supervised_ce
+        self.autocast = cuda and cfg.amp
+        self.step_model: torch.nn.Module = self.student
+        self.compiled = False
+        if cfg.compile and cuda:
+            self.step_model, self.compiled = torch.compile(self.student), True
+
+    def _forward(self, b: Batch, gen: torch.Generator, first: bool):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            return dssn_step(self.step_model, self.teacher, b, self.mcfg, self.sup_loss, gen, first_iter=first)
+
+    def step(self, b: Batch, gen: torch.Generator, iteration: int, total: int) -> tuple[torch.Tensor, dict]:
+        """Forward, backward, SGD step, poly LR for the next step, EMA update. No host sync."""
+        try:
+            loss, stats = self._forward(b, gen, iteration == 0)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+        except Exception as e:  # noqa: BLE001 - compile failures surface on the first call
+            if not self.compiled:
+                raise
+            print(f"torch.compile failed ({type(e).__name__}: {e}); falling back to eager")
+            self.step_model, self.compiled = self.student, False
+            loss, stats = self._forward(b, gen, iteration == 0)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+        self.opt.step()
+        done = iteration + 1
+        scale = (1 - done / total) ** self.cfg.poly_power if done < total else 0.0
+        for g in self.opt.param_groups:
+            g["lr"] = g["lr0"] * scale
+        if self.teacher is not None:
+            ema_update(self.teacher, self.student, 0.0 if iteration == 0 else self.mcfg.ema_keep)
+        return loss.detach(), stats
+
+
 def fit(spec: TrialSpec, on_epoch: EpochCallback | None = None, resume: dict | None = None) -> dict[str, Any]:
     """Train one trial; returns the final summary. `resume` is a state from a previous `on_epoch`."""
     t0 = time.time()
@@ -112,29 +175,8 @@ def fit(spec: TrialSpec, on_epoch: EpochCallback | None = None, resume: dict | N
     iters = cfg.iters_per_epoch or len(unl) // cfg.batch_u
     total = iters * cfg.epochs
 
-    student = build_model(spec.model, k).to(device)
-    teacher = make_teacher(student) if (mcfg.use_unlabeled and mcfg.teacher) else None
-    if device.type == "cuda" and cfg.channels_last:
-        student = student.to(memory_format=torch.channels_last)
-        if teacher is not None:
-            teacher = teacher.to(memory_format=torch.channels_last)
-    if cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(student.param_groups(cfg.lr, cfg.head_lr_mult), lr=cfg.lr, momentum=cfg.momentum,
-                              weight_decay=cfg.weight_decay, foreach=True)
-    else:
-        opt = torch.optim.AdamW(student.param_groups(cfg.lr, cfg.head_lr_mult), lr=cfg.lr,
-                                weight_decay=cfg.weight_decay, foreach=True)
-    if cfg.sup_loss == "ohem":
-        def sup_loss(logits, y):
-            return ohem_ce(logits, y, thresh=cfg.ohem_thresh, min_kept=cfg.ohem_min_kept)
-    else:
-        sup_loss = supervised_ce
-    step_model = student
-    if cfg.compile and device.type == "cuda":
-        try:
-            step_model = torch.compile(student)
-        except Exception as e:  # noqa: BLE001 - any compile failure falls back to eager
-            print(f"torch.compile failed ({e}); training eagerly")
+    tr = Trainer(spec.model, cfg, mcfg, k, device)
+    student, teacher, opt = tr.student, tr.teacher, tr.opt
 
     state = {"epoch": 0, "iteration": 0, "history": [], "best": {}}
     if resume is not None:
@@ -145,7 +187,7 @@ def fit(spec: TrialSpec, on_epoch: EpochCallback | None = None, resume: dict | N
         state = {k_: resume[k_] for k_ in ("epoch", "iteration", "history", "best")}
 
     val_loader = DataLoader(val, batch_size=cfg.eval_batch, shuffle=False, num_workers=cfg.workers)
-    gen = torch.Generator(device=device.type if device.type == "cuda" else "cpu")
+    gen = torch.Generator()  # CPU: augmentation/box parameters are scalars drawn on the host, no device sync
     autocast = device.type == "cuda" and cfg.amp
     metrics: dict[str, float] = {}
 
@@ -168,23 +210,14 @@ def fit(spec: TrialSpec, on_epoch: EpochCallback | None = None, resume: dict | N
             if mcfg.use_unlabeled:
                 bu, bm = _to(next(it_u), device), _to(next(it_m), device)
                 b = dataclasses.replace(b, u=bu["image"], u_ign=bu["ignore"], m=bm["image"], m_ign=bm["ignore"])
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                loss, stats = dssn_step(step_model, teacher, b, mcfg, sup_loss, gen,
-                                        first_iter=state["iteration"] == 0)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            loss, stats = tr.step(b, gen, state["iteration"], total)
             state["iteration"] += 1
-            lr_scale = (1 - state["iteration"] / total) ** cfg.poly_power if state["iteration"] < total else 0.0
-            for g in opt.param_groups:
-                g["lr"] = g["lr0"] * lr_scale
-            if teacher is not None:
-                ema_update(teacher, student, 0.0 if state["iteration"] == 1 else mcfg.ema_keep)
             labels, keep = stats.pop("pl_labels", None), stats.pop("pl_keep", None)
-            if labels is not None and bu is not None:
-                pl_pred += torch.bincount(labels[~bu["ignore"]], minlength=k)[:k]
-                pl_kept += torch.bincount(labels[keep], minlength=k)[:k]
-                pl_correct += (labels[keep] == bu["gt"][keep]).sum()
+            if labels is not None and bu is not None:  # index_add_, not boolean indexing: no host sync
+                flat = labels.flatten()
+                pl_pred.index_add_(0, flat, (~bu["ignore"]).flatten().float())
+                pl_kept.index_add_(0, flat, keep.flatten().float())
+                pl_correct += (keep & (labels == bu["gt"])).sum()
             acc.add({"loss": loss.detach(), **stats})
 
         epoch_metrics = {f"train/{k_}": v for k_, v in acc.means().items()}

@@ -1,0 +1,119 @@
+"""Ray Tune studies for real: a local cluster, concurrent trials, kill + resume, MLflow runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from pipeline.cli import main
+from pipeline.config import load_params
+from pipeline.orchestrate import ResourceError, study_specs, trial_resources
+from tests.conftest import REPO
+from tests.test_e2e_dvc import tiny_params
+
+
+def test_gpu_request_on_cpu_cluster_fails_fast():
+    with pytest.raises(ResourceError, match="gpus_per_trial = 1.0 but the Ray cluster has 0 GPU"):
+        trial_resources({"CPU": 2.0}, cpus=1, gpus=1.0)
+    assert trial_resources({"CPU": 2.0}, cpus=0.5, gpus=None) == {"cpu": 0.5, "gpu": 0.0}
+    assert trial_resources({"CPU": 8.0, "GPU": 4.0}, cpus=2, gpus=None) == {"cpu": 2, "gpu": 1.0}
+    with pytest.raises(ResourceError, match="cpus_per_trial"):
+        trial_resources({"CPU": 2.0}, cpus=4, gpus=0)
+
+
+def test_study_cells_are_split_backbone_variant_seed():
+    params = load_params(REPO / "params.yaml")
+    specs = study_specs(params, "demo", REPO)
+    assert len(specs) == 6
+    assert {s.cell for s in specs} >= {"1_16-resnet18-dssn-s0", "1_4-resnet18-supervised-s0"}
+    assert all(Path(s.root).is_absolute() and Path(s.split_dir).is_absolute() for s in specs)
+    sup = next(s for s in specs if s.variant == "supervised")
+    assert not sup.method.use_unlabeled and sup.train.crop == 64
+
+
+def _prepare(root: Path, params: dict) -> Path:
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    old = os.environ.get("DVC_ROOT")
+    os.environ["DVC_ROOT"] = str(root)
+    try:
+        for stage in ("fetch", "prepare", "splits"):
+            assert main([stage, "synthetic"]) == 0
+    finally:
+        if old is None:
+            os.environ.pop("DVC_ROOT")
+        else:
+            os.environ["DVC_ROOT"] = old
+    return root
+
+
+def _env(root: Path) -> dict[str, str]:
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
+    e.update(DVC_ROOT=str(root), PYTHONPATH=str(REPO), MLFLOW_DISABLE_TELEMETRY="true")
+    return e
+
+
+def _trial_runs(root: Path, study: str = "demo"):
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(f"dssn/{study}")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    return client, [r for r in runs if r.data.tags.get("role") == "trial"]
+
+
+@pytest.mark.slow
+def test_four_trials_run_concurrently(tmp_path):
+    params = tiny_params(yaml.safe_load((REPO / "params.yaml").read_text()))
+    root = _prepare(tmp_path, params)
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", "demo"], cwd=root, env=_env(root),
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    _, trials = _trial_runs(root)
+    assert len(trials) == 4
+    starts = [r.info.start_time for r in trials]
+    ends = [r.info.end_time for r in trials]
+    assert max(starts) < min(ends), "the 4 trials did not overlap in time"
+
+
+@pytest.mark.slow
+def test_killed_study_resumes_without_repeating_or_duplicating(tmp_path):
+    params = tiny_params(yaml.safe_load((REPO / "params.yaml").read_text()))
+    demo = params["studies"]["demo"]
+    demo["overrides"]["train"].update(epochs=6, iters_per_epoch=3)
+    params["ray"].update(cpus_per_trial=1.0)  # 2 at a time: supervised cells finish first
+    root = _prepare(tmp_path, params)
+    runs_dir = root / "results/runs/demo"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", "demo"], cwd=root, env=_env(root),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 400
+    while time.time() < deadline and len(list(runs_dir.glob("*.json"))) < 1:
+        time.sleep(0.5)
+    finished = {p.name: p.stat().st_mtime_ns for p in runs_dir.glob("*.json")}
+    assert finished, "no trial finished before the deadline"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    subprocess.run(["pkill", "-9", "-f", f"ray.*{root}"], check=False)
+    assert len(finished) < 4, "the study finished before it could be killed"
+
+    again = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", "demo"], cwd=root, env=_env(root),
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    now = {p.name: p.stat().st_mtime_ns for p in runs_dir.glob("*.json")}
+    assert len(now) == 4
+    for name, mtime in finished.items():
+        assert now[name] == mtime, f"{name} was trained again"
+    client, trials = _trial_runs(root)
+    assert len(trials) == 4, "a resumed trial opened a second MLflow run"
+    assert {r.data.tags["dssn.cell"] for r in trials} == {json.loads(p.read_text())["cell"]
+                                                           for p in runs_dir.glob("*.json")}
+    for r in trials:
+        assert r.info.status == "FINISHED"
+        steps = [m.step for m in client.get_metric_history(r.info.run_id, "val/miou_student")]
+        assert sorted(set(steps)) == list(range(1, 7))

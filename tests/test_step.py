@@ -1,0 +1,79 @@
+"""The DSSN step: every variant runs one real optimisation step on CPU; the teacher gets no gradient."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from pipeline.config import VARIANTS, MethodCfg, ModelCfg, TrainCfg, method_for_variant
+from pipeline.method.dssn import Batch, dssn_step
+from pipeline.method.losses import supervised_ce
+from pipeline.train import Trainer
+
+MODEL = ModelCfg(backbone="resnet18", deep_stem=False, aspp_channels=16, skip_channels=8, decoder_channels=16)
+TRAIN = TrainCfg(crop=32, batch_l=2, batch_u=2, optimizer="sgd", lr=0.01)
+
+
+def batch(n: int = 2, size: int = 32, classes: int = 4, seed: int = 0) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    img = lambda: torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)  # noqa: E731
+    ign = torch.zeros(n, size, size, dtype=torch.bool)
+    ign[:, -4:] = True
+    return Batch(x=img(), y=torch.randint(0, classes, (n, size, size), generator=g), u=img(), u_ign=ign, m=img(),
+                 m_ign=ign.clone())
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_one_step_of_every_variant(variant):
+    torch.manual_seed(0)
+    mcfg = method_for_variant(MethodCfg(), variant)
+    tr = Trainer(MODEL, TRAIN, mcfg, 4, torch.device("cpu"))
+    before = [p.detach().clone() for p in tr.student.parameters()]
+    loss, stats = tr.step(batch(), torch.Generator().manual_seed(0), iteration=3, total=10)
+    assert torch.isfinite(loss)
+    assert any(not torch.equal(a, b) for a, b in zip(before, tr.student.parameters(), strict=True))
+    assert (tr.teacher is not None) == (variant not in ("supervised", "unimatch"))
+    if mcfg.use_unlabeled:
+        assert 0.0 <= float(stats["mask_ratio"]) <= 1.0
+        assert (float(stats["loss_con_img"]) > 0) == mcfg.con_img
+        assert (float(stats["loss_con_feat"]) > 0) == (mcfg.con_feat and mcfg.n_fp == 2)
+    # poly LR was set for the next step: lr0 * (1 - 4/10)^0.9
+    assert tr.opt.param_groups[0]["lr"] == pytest.approx(0.01 * 0.6**0.9)
+
+
+def test_teacher_receives_no_gradient_and_follows_ema():
+    torch.manual_seed(0)
+    tr = Trainer(MODEL, TRAIN, MethodCfg(), 4, torch.device("cpu"))
+    tr.step(batch(), torch.Generator().manual_seed(0), iteration=0, total=10)
+    assert all(p.grad is None and not p.requires_grad for p in tr.teacher.parameters())
+    # iteration 0: hard copy of the student (keep = 0)
+    for t, s in zip(tr.teacher.parameters(), tr.student.parameters(), strict=True):
+        assert torch.equal(t, s)
+    t_before = [p.clone() for p in tr.teacher.parameters()]
+    tr.step(batch(seed=1), torch.Generator().manual_seed(1), iteration=1, total=10)
+    for t, t0, s in zip(tr.teacher.parameters(), t_before, tr.student.parameters(), strict=True):
+        assert torch.allclose(t, 0.996 * t0 + 0.004 * s, atol=1e-6)
+
+
+def test_first_iteration_drops_the_strong_view_loss():
+    torch.manual_seed(0)
+    tr = Trainer(MODEL, TRAIN, MethodCfg(), 4, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    _, first = dssn_step(tr.student, tr.teacher, batch(), MethodCfg(), supervised_ce, gen, first_iter=True)
+    assert float(first["loss_s"]) == 0.0
+    gen = torch.Generator().manual_seed(0)
+    cfg = dataclasses.replace(MethodCfg(), selection="fixed", threshold=0.0)  # keep every pixel
+    _, later = dssn_step(tr.student, tr.teacher, batch(), cfg, supervised_ce, gen, first_iter=False)
+    assert float(later["loss_s"]) > 0.0
+
+
+def test_total_loss_combines_terms_with_the_code_weights():
+    torch.manual_seed(0)
+    tr = Trainer(MODEL, TRAIN, MethodCfg(), 4, torch.device("cpu"))
+    cfg = dataclasses.replace(MethodCfg(), selection="fixed", threshold=0.0)
+    loss, st = dssn_step(tr.student, tr.teacher, batch(), cfg, supervised_ce, torch.Generator().manual_seed(0))
+    expected = 0.5 * (st["loss_x"] + 0.25 * st["loss_s"] + 0.25 * st["loss_fp"]
+                      + 0.01 * (st["loss_con_img"] + st["loss_con_feat"]))
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
