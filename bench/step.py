@@ -33,23 +33,30 @@ MODES = {
 }
 
 
-def random_batch(n_l: int, n_u: int, crop: int, classes: int, device: torch.device, g: torch.Generator) -> Batch:
+def random_batch(
+    n_l: int, n_u: int, crop: int, classes: int, device: torch.device, g: torch.Generator
+) -> Batch:
     def img(n):
         return torch.randint(0, 256, (n, 3, crop, crop), dtype=torch.uint8, generator=g).to(device)
 
     ign = torch.zeros(n_u, crop, crop, dtype=torch.bool)
-    ign[:, :, -crop // 8:] = True  # some crop padding, as real weak crops have
+    ign[:, :, -crop // 8 :] = True  # some crop padding, as real weak crops have
     y = torch.randint(0, classes, (n_l, crop, crop), generator=g)
     y[:, :2] = 255
-    return Batch(x=img(n_l), y=y.to(device), u=img(n_u), u_ign=ign.to(device), m=img(n_u), m_ign=ign.to(device))
+    return Batch(
+        x=img(n_l), y=y.to(device), u=img(n_u), u_ign=ign.to(device), m=img(n_u), m_ign=ign.to(device)
+    )
 
 
 def bench_mode(mode: str, args, device: torch.device) -> dict:
     model = ModelCfg(backbone=args.backbone, deep_stem=True)
     if args.quick:
-        model = ModelCfg(backbone="resnet18", deep_stem=False, aspp_channels=32, skip_channels=16,
-                         decoder_channels=32)
-    train = dataclasses.replace(TrainCfg(crop=args.crop, batch_l=args.batch, batch_u=args.batch), **MODES[mode])
+        model = ModelCfg(
+            backbone="resnet18", deep_stem=False, aspp_channels=32, skip_channels=16, decoder_channels=32
+        )
+    train = dataclasses.replace(
+        TrainCfg(crop=args.crop, batch_l=args.batch, batch_u=args.batch), **MODES[mode]
+    )
     trainer = Trainer(model, train, MethodCfg(), args.classes, device)
     g = torch.Generator().manual_seed(0)
     gen = torch.Generator().manual_seed(0)
@@ -74,8 +81,15 @@ def bench_mode(mode: str, args, device: torch.device) -> dict:
     dt = (time.perf_counter() - t0) / args.iters
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     flops = count_flops(trainer, batches[0], gen, total) if mode == "fp32-eager" else None
-    return {"mode": mode, "step_s": dt, "images_per_s": 2 * args.batch / dt, "peak_mem_gib": peak,
-            "warmup_s": warmup_s, "compiled": trainer.compiled, "flops_per_step": flops}
+    return {
+        "mode": mode,
+        "step_s": dt,
+        "images_per_s": 2 * args.batch / dt,
+        "peak_mem_gib": peak,
+        "warmup_s": warmup_s,
+        "compiled": trainer.compiled,
+        "flops_per_step": flops,
+    }
 
 
 def count_flops(trainer: Trainer, batch: Batch, gen: torch.Generator, total: int) -> float:
@@ -101,9 +115,20 @@ def bench_loader(args) -> dict:
         prepare_voc(d / "raw", d / "prepared", num_classes=7)
         make_splits(d / "prepared" / "lists", d / "splits", "blended", ["1_4"])
         unl = SegList(d / "prepared", d / "splits" / "1_4" / "unlabeled.txt", "train_u", args.crop)
-        lab = SegList(d / "prepared", d / "splits" / "1_4" / "labeled.txt", "train_l", args.crop, length=len(unl))
-        loaders = [DataLoader(ds, batch_size=args.batch, shuffle=True, num_workers=args.workers, drop_last=True,
-                              persistent_workers=args.workers > 0) for ds in (lab, unl, unl)]
+        lab = SegList(
+            d / "prepared", d / "splits" / "1_4" / "labeled.txt", "train_l", args.crop, length=len(unl)
+        )
+        loaders = [
+            DataLoader(
+                ds,
+                batch_size=args.batch,
+                shuffle=True,
+                num_workers=args.workers,
+                drop_last=True,
+                persistent_workers=args.workers > 0,
+            )
+            for ds in (lab, unl, unl)
+        ]
         n, t0 = 0, time.perf_counter()
         for _ in range(2):
             for batches in zip(*loaders, strict=False):
@@ -134,17 +159,26 @@ def main(argv: list[str] | None = None) -> int:
         r["tflops"] = flops / r["step_s"] / 1e12 if flops else None
     ref = next((r for r in rows if r["mode"] == "fp32-eager"), None)
     loader = bench_loader(args)
-    info = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-            "torch": torch.__version__, "python": sys.version.split()[0], "backbone": args.backbone if not args.quick
-            else "resnet18 (quick)", "crop": args.crop, "batch": f"{args.batch}+{args.batch}"}
-    print(f"device: {info['device']}  torch {info['torch']}  {info['backbone']}  crop {args.crop}  "
-          f"batch {info['batch']}")
+    info = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "backbone": args.backbone if not args.quick else "resnet18 (quick)",
+        "crop": args.crop,
+        "batch": f"{args.batch}+{args.batch}",
+    }
+    print(
+        f"device: {info['device']}  torch {info['torch']}  {info['backbone']}  crop {args.crop}  "
+        f"batch {info['batch']}"
+    )
     print(f"{'mode':<12}{'step s':>9}{'img/s':>9}{'x ref':>7}{'TFLOP/s':>9}{'peak GiB':>10}{'compiled':>10}")
     for r in rows:
         speed = r["images_per_s"] / ref["images_per_s"] if ref else float("nan")
         tf = f"{r['tflops']:.1f}" if r["tflops"] else "-"
-        print(f"{r['mode']:<12}{r['step_s']:>9.3f}{r['images_per_s']:>9.1f}{speed:>7.2f}{tf:>9}"
-              f"{r['peak_mem_gib']:>10.2f}{str(r['compiled']):>10}")
+        print(
+            f"{r['mode']:<12}{r['step_s']:>9.3f}{r['images_per_s']:>9.1f}{speed:>7.2f}{tf:>9}"
+            f"{r['peak_mem_gib']:>10.2f}{str(r['compiled']):>10}"
+        )
     print(f"data pipeline: {loader['samples_per_s']:.1f} samples/s with {loader['workers']} workers")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

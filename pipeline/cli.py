@@ -21,7 +21,9 @@ def _root() -> Path:
 
 def _dataset(params: Params, name: str):
     if name not in params.datasets:
-        raise ConfigError(f"params: dataset {name!r} is not defined under `datasets` ({', '.join(params.datasets)})")
+        raise ConfigError(
+            f"params: dataset {name!r} is not defined under `datasets` ({', '.join(params.datasets)})"
+        )
     return params.datasets[name]
 
 
@@ -52,15 +54,17 @@ def cmd_fetch(params: Params, root: Path, name: str) -> None:
         sbd = None
         if src.use_sbd:
             kw = {k: v for k, v in {"url": src.sbd_url, "md5": src.sbd_md5}.items() if v}
-            sbd = fetch.fetch_sbd(raw, archive=_opt(src.sbd_archive, root), extracted=_opt(src.sbd_extracted, root),
-                                  **kw)
+            sbd = fetch.fetch_sbd(
+                raw, archive=_opt(src.sbd_archive, root), extracted=_opt(src.sbd_extracted, root), **kw
+            )
         source = {"voc_root": _rel(voc, root), "sbd_root": _rel(sbd, root) if sbd else None}
     else:
         from pipeline.data import fetch
 
         kw = {"base_url": src.url} if src.url else {}
-        cs = fetch.fetch_cityscapes(raw, extracted=_opt(src.extracted, root),
-                                    archives=_archives(src.archive, root), **kw)
+        cs = fetch.fetch_cityscapes(
+            raw, extracted=_opt(src.extracted, root), archives=_archives(src.archive, root), **kw
+        )
         source = {"cityscapes_root": _rel(cs, root)}
     _write_json(raw / "source.json", {"kind": ds.kind, **source})
     print(f"fetch {name}: {json.dumps(source)}")
@@ -108,8 +112,15 @@ def cmd_splits(params: Params, root: Path, name: str) -> None:
     ds = _dataset(params, name)
     sp = ds.splits
     prepared = root / params.paths.data / "prepared" / name
-    info = make_splits(prepared / "lists", root / params.paths.data / "splits" / name, sp.protocol, sp.names,
-                       source=sp.source, seed=sp.seed, official_root=_opt(sp.official_root, root))
+    info = make_splits(
+        prepared / "lists",
+        root / params.paths.data / "splits" / name,
+        sp.protocol,
+        sp.names,
+        source=sp.source,
+        seed=sp.seed,
+        official_root=_opt(sp.official_root, root),
+    )
     print(f"splits {name}: {info}")
 
 
@@ -117,7 +128,9 @@ def cmd_train(params: Params, root: Path, study: str) -> None:
     from pipeline.orchestrate import run_study
 
     if study not in params.studies:
-        raise ConfigError(f"params: study {study!r} is not defined under `studies` ({', '.join(params.studies)})")
+        raise ConfigError(
+            f"params: study {study!r} is not defined under `studies` ({', '.join(params.studies)})"
+        )
     summaries = run_study(params, study, root)
     for s in summaries:
         best = s.get("final/miou_best")
@@ -128,7 +141,9 @@ def cmd_sweep(params: Params, root: Path, name: str) -> None:
     from pipeline.sweep import run_sweep
 
     if name not in params.sweeps:
-        raise ConfigError(f"params: sweep {name!r} is not defined under `sweeps` ({', '.join(params.sweeps)})")
+        raise ConfigError(
+            f"params: sweep {name!r} is not defined under `sweeps` ({', '.join(params.sweeps)})"
+        )
     for kind, path in run_sweep(params, name, root).items():
         print(f"sweep {name}: {kind} -> {_rel(path, root)}")
 
@@ -145,7 +160,9 @@ def cmd_report(params: Params, root: Path) -> None:
         if not runs.exists() or not any(runs.glob("*.json")):
             print(f"report: study {study} has no finished runs yet; skipped")
             continue
-        df = report.load_runs(uri, [f"dssn/{study}"])
+        # Exactly the runs behind the current results (not older runs of a changed config).
+        run_ids = {json.loads(f.read_text())["mlflow_run_id"] for f in runs.glob("*.json")}
+        df = report.load_runs(uri, [f"dssn/{study}"], run_ids=run_ids)
         written = report.write_report(df, results, study, paper_table=scfg.paper_table)
         for p in written:
             print(f"report: wrote {_rel(p, root)}")
@@ -178,15 +195,18 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "sweep":
             cmd_sweep(params, root, args.sweep)
         else:
-            {"fetch": cmd_fetch, "prepare": cmd_prepare, "splits": cmd_splits}[args.cmd](params, root, args.dataset)
+            {"fetch": cmd_fetch, "prepare": cmd_prepare, "splits": cmd_splits}[args.cmd](
+                params, root, args.dataset
+            )
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - one clear line for every expected failure
         from pipeline.data.errors import DataError
         from pipeline.orchestrate import ResourceError
+        from pipeline.report import ReportError
 
-        if isinstance(e, DataError | ResourceError | FileNotFoundError):
+        if isinstance(e, DataError | ResourceError | ReportError | FileNotFoundError):
             print(f"error: {e}", file=sys.stderr)
             return 2
         raise

@@ -132,10 +132,18 @@ class TrainCfg:
 
     def validate(self, key: str) -> None:
         _check(self.epochs >= 1, f"{key}.epochs", "an integer >= 1", self.epochs)
-        _check(self.iters_per_epoch is None or self.iters_per_epoch >= 1, f"{key}.iters_per_epoch",
-               "null or an integer >= 1", self.iters_per_epoch)
-        _check(self.batch_l >= 1 and self.batch_u >= 1, f"{key}.batch_l/batch_u", "integers >= 1",
-               (self.batch_l, self.batch_u))
+        _check(
+            self.iters_per_epoch is None or self.iters_per_epoch >= 1,
+            f"{key}.iters_per_epoch",
+            "null or an integer >= 1",
+            self.iters_per_epoch,
+        )
+        _check(
+            self.batch_l >= 1 and self.batch_u >= 1,
+            f"{key}.batch_l/batch_u",
+            "integers >= 1",
+            (self.batch_l, self.batch_u),
+        )
         _check(self.crop >= 32, f"{key}.crop", "an integer >= 32", self.crop)
         _check(self.lr > 0, f"{key}.lr", "a positive float", self.lr)
         _check(0 < self.ohem_thresh < 1, f"{key}.ohem_thresh", "a float in (0, 1)", self.ohem_thresh)
@@ -188,8 +196,12 @@ class RayCfg:
 
     def validate(self, key: str) -> None:
         _check(self.cpus_per_trial > 0, f"{key}.cpus_per_trial", "a float > 0", self.cpus_per_trial)
-        _check(self.gpus_per_trial is None or self.gpus_per_trial >= 0, f"{key}.gpus_per_trial",
-               "null or a float >= 0", self.gpus_per_trial)
+        _check(
+            self.gpus_per_trial is None or self.gpus_per_trial >= 0,
+            f"{key}.gpus_per_trial",
+            "null or a float >= 0",
+            self.gpus_per_trial,
+        )
 
 
 @dataclass(frozen=True)
@@ -233,7 +245,9 @@ class SweepCfg:
             _check(0 <= v < 1, f"{key}.tau_low", "values in [0, 1)", v)
         _check(len(self.r) > 0 and len(self.tau_low) > 0, key, "non-empty r and tau_low lists", self)
         _check(self.num_samples >= 1, f"{key}.num_samples", "an integer >= 1", self.num_samples)
-        _check(self.reduction_factor >= 2, f"{key}.reduction_factor", "an integer >= 2", self.reduction_factor)
+        _check(
+            self.reduction_factor >= 2, f"{key}.reduction_factor", "an integer >= 2", self.reduction_factor
+        )
 
 
 @dataclass(frozen=True)
@@ -253,8 +267,16 @@ class Params:
 # Each variant is a set of MethodCfg overrides on the faithful default (= "dssn").
 VARIANTS: dict[str, dict[str, Any]] = {
     "supervised": {"use_unlabeled": False, "teacher": False, "n_fp": 0},
-    "unimatch": {"teacher": False, "n_fp": 1, "selection": "fixed", "threshold": 0.95, "con_img": False,
-                 "con_feat": False, "w_fp": 0.5, "intensity_ops": False},
+    "unimatch": {
+        "teacher": False,
+        "n_fp": 1,
+        "selection": "fixed",
+        "threshold": 0.95,
+        "con_img": False,
+        "con_feat": False,
+        "w_fp": 0.5,
+        "intensity_ops": False,
+    },
     "dssn": {},
     # Table 4: plain consistency / + dual-level contrastive / + CPLG / both (= dssn)
     "t4_plain": {"selection": "fixed", "threshold": 0.95, "con_img": False, "con_feat": False},
@@ -299,8 +321,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, a, key)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else
-                          f"params: `{key}` must be {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+        raise ConfigError(
+            errors[0]
+            if len(errors) == 1
+            else f"params: `{key}` must be {' or '.join(_type_name(a) for a in args)}, got {value!r}"
+        )
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"params: `{key}` must be one of {list(args)}, got {value!r}")
@@ -404,18 +429,28 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     for name, study in params.studies.items():
         key = f"studies.{name}"
         if study.dataset not in params.datasets:
-            raise ConfigError(f"params: `{key}.dataset` must name a dataset in `datasets` "
-                              f"({', '.join(params.datasets) or 'none defined'}), got {study.dataset!r}")
+            raise ConfigError(
+                f"params: `{key}.dataset` must name a dataset in `datasets` "
+                f"({', '.join(params.datasets) or 'none defined'}), got {study.dataset!r}"
+            )
         ds = params.datasets[study.dataset]
         for s in study.splits:
             if s not in ds.splits.names:
-                raise ConfigError(f"params: `{key}.splits` entry {s!r} is not built by "
-                                  f"`datasets.{study.dataset}.splits.names` {ds.splits.names}")
+                raise ConfigError(
+                    f"params: `{key}.splits` entry {s!r} is not built by "
+                    f"`datasets.{study.dataset}.splits.names` {ds.splits.names}"
+                )
         for v in study.variants:
             if v not in VARIANTS:
-                raise ConfigError(f"params: `{key}.variants` entry {v!r} is unknown (known: {', '.join(VARIANTS)})")
-        _check(len(study.seeds) > 0 and len(study.variants) > 0 and len(study.splits) > 0, key,
-               "non-empty splits, variants and seeds", study)
+                raise ConfigError(
+                    f"params: `{key}.variants` entry {v!r} is unknown (known: {', '.join(VARIANTS)})"
+                )
+        _check(
+            len(study.seeds) > 0 and len(study.variants) > 0 and len(study.splits) > 0,
+            key,
+            "non-empty splits, variants and seeds",
+            study,
+        )
         # Overrides must be valid for the sections they patch.
         model = merge(params.model, study.overrides.model, f"{key}.overrides.model")
         merge(params.train, study.overrides.train, f"{key}.overrides.train")
@@ -425,12 +460,17 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     for name, sw in params.sweeps.items():
         key = f"sweeps.{name}"
         if sw.study not in params.studies:
-            raise ConfigError(f"params: `{key}.study` must name a study in `studies` "
-                              f"({', '.join(params.studies)}), got {sw.study!r}")
+            raise ConfigError(
+                f"params: `{key}.study` must name a study in `studies` "
+                f"({', '.join(params.studies)}), got {sw.study!r}"
+            )
         study = params.studies[sw.study]
         if sw.split not in params.datasets[study.dataset].splits.names:
-            raise ConfigError(f"params: `{key}.split` {sw.split!r} is not built by "
-                              f"`datasets.{study.dataset}.splits.names`")
+            raise ConfigError(
+                f"params: `{key}.split` {sw.split!r} is not built by `datasets.{study.dataset}.splits.names`"
+            )
         if sw.variant not in VARIANTS:
-            raise ConfigError(f"params: `{key}.variant` {sw.variant!r} is unknown (known: {', '.join(VARIANTS)})")
+            raise ConfigError(
+                f"params: `{key}.variant` {sw.variant!r} is unknown (known: {', '.join(VARIANTS)})"
+            )
     return params

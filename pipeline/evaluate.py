@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from pipeline.data.transforms import normalize
 
 
-def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
-                     ignore_index: int = 255) -> torch.Tensor:
+def confusion_matrix(
+    pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = 255
+) -> torch.Tensor:
     """(K, K) counts, rows = ground truth, columns = prediction; ignore pixels skipped."""
     valid = target != ignore_index
     idx = target[valid].long() * num_classes + pred[valid].long()
@@ -27,15 +28,17 @@ def iou_from_confusion(cm: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sliding_window_logits(model: torch.nn.Module, x: torch.Tensor, num_classes: int, crop: int) -> torch.Tensor:
+def sliding_window_logits(
+    model: torch.nn.Module, x: torch.Tensor, num_classes: int, crop: int
+) -> torch.Tensor:
     """Sum of softmax over windows of `crop` with stride 2/3 crop, border windows truncated."""
     n, _, h, w = x.shape
     stride = int(crop * 2 / 3)
     out = torch.zeros(n, num_classes, h, w, device=x.device)
     for top in range(0, h, stride):
         for left in range(0, w, stride):
-            win = x[:, :, top:top + crop, left:left + crop]
-            out[:, :, top:top + crop, left:left + crop] += model(win).float().softmax(dim=1)
+            win = x[:, :, top : top + crop, left : left + crop]
+            out[:, :, top : top + crop, left : left + crop] += model(win).float().softmax(dim=1)
             if left + crop >= w:
                 break
         if top + crop >= h:
@@ -44,8 +47,15 @@ def sliding_window_logits(model: torch.nn.Module, x: torch.Tensor, num_classes: 
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: Iterable[dict], num_classes: int, device: torch.device,
-             mode: str = "whole", crop: int = 0, autocast: bool = False) -> dict:
+def evaluate(
+    model: torch.nn.Module,
+    loader: Iterable[dict],
+    num_classes: int,
+    device: torch.device,
+    mode: str = "whole",
+    crop: int = 0,
+    autocast: bool = False,
+) -> dict:
     """Evaluate in eval mode; returns mIoU, per-class IoU and the confusion matrix."""
     was_training = model.training
     model.eval()
@@ -54,10 +64,7 @@ def evaluate(model: torch.nn.Module, loader: Iterable[dict], num_classes: int, d
         x = normalize(batch["image"].to(device, non_blocking=True).float() / 255.0)
         y = batch["mask"].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            if mode == "sliding":
-                logits = sliding_window_logits(model, x, num_classes, crop)
-            else:
-                logits = model(x)
+            logits = sliding_window_logits(model, x, num_classes, crop) if mode == "sliding" else model(x)
         if logits.shape[-2:] != y.shape[-2:]:
             logits = F.interpolate(logits.float(), size=y.shape[-2:], mode="bilinear", align_corners=True)
         cm += confusion_matrix(logits.argmax(1), y, num_classes)

@@ -12,8 +12,12 @@ from torchvision.models.segmentation.deeplabv3 import ASPP
 
 from pipeline.config import ModelCfg
 
-_RESNETS = {"resnet18": resnet.resnet18, "resnet34": resnet.resnet34, "resnet50": resnet.resnet50,
-            "resnet101": resnet.resnet101}
+_RESNETS = {
+    "resnet18": resnet.resnet18,
+    "resnet34": resnet.resnet34,
+    "resnet50": resnet.resnet50,
+    "resnet101": resnet.resnet101,
+}
 
 
 class WeightLoadError(RuntimeError):
@@ -46,8 +50,12 @@ def build_backbone(cfg: ModelCfg) -> tuple[resnet.ResNet, int, int]:
     if cfg.deep_stem:
         # ResNet-V1c/"s" stem (UniMatch/CPS weights): 3x3 convs 3-64-64-128, layer1 fed 128 channels.
         net.conv1 = nn.Sequential(
-            nn.Conv2d(3, 64, 3, 2, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
-            nn.Conv2d(64, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
+            nn.Conv2d(3, 64, 3, 2, 1, bias=False),
+            nn.BatchNorm2d(64),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(64, 64, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(64),
+            nn.ReLU(inplace=True),
             nn.Conv2d(64, 128, 3, 1, 1, bias=False),
         )
         net.bn1 = nn.BatchNorm2d(128)
@@ -66,13 +74,19 @@ class DeepLabV3Plus(nn.Module):
         self.backbone, c1, c4 = build_backbone(cfg)
         self.aspp = ASPP(c4, list(cfg.aspp_rates), cfg.aspp_channels)
         self.aspp.project[3] = nn.Identity()  # the reference ASPP has no dropout
-        self.reduce = nn.Sequential(nn.Conv2d(c1, cfg.skip_channels, 1, bias=False),
-                                    nn.BatchNorm2d(cfg.skip_channels), nn.ReLU(inplace=True))
+        self.reduce = nn.Sequential(
+            nn.Conv2d(c1, cfg.skip_channels, 1, bias=False),
+            nn.BatchNorm2d(cfg.skip_channels),
+            nn.ReLU(inplace=True),
+        )
         d = cfg.decoder_channels
         self.fuse = nn.Sequential(
-            nn.Conv2d(cfg.aspp_channels + cfg.skip_channels, d, 3, padding=1, bias=False), nn.BatchNorm2d(d),
+            nn.Conv2d(cfg.aspp_channels + cfg.skip_channels, d, 3, padding=1, bias=False),
+            nn.BatchNorm2d(d),
             nn.ReLU(inplace=True),
-            nn.Conv2d(d, d, 3, padding=1, bias=False), nn.BatchNorm2d(d), nn.ReLU(inplace=True),
+            nn.Conv2d(d, d, 3, padding=1, bias=False),
+            nn.BatchNorm2d(d),
+            nn.ReLU(inplace=True),
         )
         self.classifier = nn.Conv2d(d, num_classes, 1)
 
@@ -107,8 +121,10 @@ class DeepLabV3Plus(nn.Module):
     def param_groups(self, lr: float, head_mult: float) -> list[dict]:
         """Backbone at `lr`, everything else (ASPP, skip, decoder, classifier) at lr x head_mult."""
         head = [p for n, p in self.named_parameters() if not n.startswith("backbone.")]
-        return [{"params": list(self.backbone.parameters()), "lr": lr, "lr0": lr},
-                {"params": head, "lr": lr * head_mult, "lr0": lr * head_mult}]
+        return [
+            {"params": list(self.backbone.parameters()), "lr": lr, "lr0": lr},
+            {"params": head, "lr": lr * head_mult, "lr0": lr * head_mult},
+        ]
 
 
 def load_backbone_weights(model: DeepLabV3Plus, source: str) -> None:
@@ -132,7 +148,8 @@ def load_backbone_weights(model: DeepLabV3Plus, source: str) -> None:
         raise WeightLoadError(
             f"model.pretrained: {source} does not fit the backbone: {len(missing)} missing keys {missing[:8]}, "
             f"{len(unexpected)} unexpected keys {unexpected[:8]}, {len(mismatched)} shape mismatches "
-            f"{mismatched[:8]} (deep_stem must match the weights: the reference weights use the 3x3 deep stem)")
+            f"{mismatched[:8]} (deep_stem must match the weights: the reference weights use the 3x3 deep stem)"
+        )
     model.backbone.load_state_dict(state, strict=False)
 
 

@@ -11,7 +11,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,8 +41,13 @@ class StudyPaths:
 def study_paths(params: Params, root: Path) -> StudyPaths:
     r = root.resolve()
     p = params.paths
-    return StudyPaths(r, (r / p.data).resolve(), (r / p.results).resolve(), (r / p.ray_results).resolve(),
-                      (r / p.mlflow_artifacts).resolve())
+    return StudyPaths(
+        r,
+        (r / p.data).resolve(),
+        (r / p.results).resolve(),
+        (r / p.ray_results).resolve(),
+        (r / p.mlflow_artifacts).resolve(),
+    )
 
 
 def split_info(split_dir: Path, split: str) -> dict[str, Any]:
@@ -68,13 +72,24 @@ def study_specs(params: Params, study_name: str, root: Path) -> list[TrialSpec]:
             for variant in study.variants:
                 for seed in study.seeds:
                     cell = f"{split}-{backbone}-{variant}-s{seed}"
-                    specs.append(TrialSpec(
-                        study=study_name, cell=cell, dataset_name=study.dataset, dataset=ds,
-                        class_names=class_names(ds.kind, ds.num_classes),
-                        root=str(paths.data / "prepared" / study.dataset),
-                        split_dir=str(paths.data / "splits" / study.dataset), split=split,
-                        protocol=ds.splits.protocol, variant=variant, seed=seed, model=model, train=train,
-                        method=method_for_variant(method_base, variant)))
+                    specs.append(
+                        TrialSpec(
+                            study=study_name,
+                            cell=cell,
+                            dataset_name=study.dataset,
+                            dataset=ds,
+                            class_names=class_names(ds.kind, ds.num_classes),
+                            root=str(paths.data / "prepared" / study.dataset),
+                            split_dir=str(paths.data / "splits" / study.dataset),
+                            split=split,
+                            protocol=ds.splits.protocol,
+                            variant=variant,
+                            seed=seed,
+                            model=model,
+                            train=train,
+                            method=method_for_variant(method_base, variant),
+                        )
+                    )
     return specs
 
 
@@ -83,13 +98,17 @@ def connect_ray(num_cpus: int | None) -> dict[str, float]:
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):
             ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
         else:
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-                     object_store_memory=256 * 1024**2, log_to_driver=True)
+            ray.init(
+                address="local",
+                num_cpus=num_cpus,
+                include_dashboard=False,
+                object_store_memory=256 * 1024**2,
+                log_to_driver=True,
+            )
     return ray.cluster_resources()
 
 
@@ -100,8 +119,10 @@ def trial_resources(cluster: dict[str, float], cpus: float, gpus: float | None) 
     if gpus is None:
         gpus = 1.0 if have_gpu >= 1 else 0.0
     if gpus > have_gpu:
-        raise ResourceError(f"ray.gpus_per_trial = {gpus} but the Ray cluster has {have_gpu:g} GPU(s); "
-                            "set ray.gpus_per_trial to 0 (CPU) or join a GPU cluster with RAY_ADDRESS")
+        raise ResourceError(
+            f"ray.gpus_per_trial = {gpus} but the Ray cluster has {have_gpu:g} GPU(s); "
+            "set ray.gpus_per_trial to 0 (CPU) or join a GPU cluster with RAY_ADDRESS"
+        )
     if cpus > have_cpu:
         raise ResourceError(f"ray.cpus_per_trial = {cpus} but the Ray cluster has {have_cpu:g} CPU(s)")
     return {"cpu": cpus, "gpu": gpus}
@@ -125,24 +146,43 @@ def _trainable(config: dict, specs: dict[str, dict], tracking: dict[str, str], r
     spec = TrialSpec.from_dict(specs[config["cell"]])
     if "r" in config or "tau_low" in config:  # a sweep trial: CPLG parameters come from the search
         r, tau = float(config.get("r", spec.method.r)), float(config.get("tau_low", spec.method.tau_low))
-        spec = dataclasses.replace(spec, cell=f"{spec.cell}-r{r:.4f}-t{tau:.4f}",
-                                   method=merge(spec.method, {"r": r, "tau_low": tau}, "sweep"))
+        spec = dataclasses.replace(
+            spec,
+            cell=f"{spec.cell}-r{r:.4f}-t{tau:.4f}",
+            method=merge(spec.method, {"r": r, "tau_low": tau}, "sweep"),
+        )
     result_file = Path(runs_dir) / f"{spec.cell}.json"
     if result_file.exists():
         return
     trial_id = tune.get_context().get_trial_id()
-    tags = {"dssn.study": spec.study, "dssn.cell": spec.cell, "dssn.dataset": spec.dataset_name,
-            "dssn.protocol": spec.protocol, "dssn.split": spec.split, "dssn.backbone": spec.model.backbone,
-            "dssn.variant": spec.variant, "dssn.seed": str(spec.seed), "ray.trial_id": trial_id,
-            "ray.experiment": tracking["experiment"], "git.commit": tracking["git_commit"],
-            "dvc.stage": tracking["dvc_stage"]}
+    tags = {
+        "dssn.study": spec.study,
+        "dssn.cell": spec.cell,
+        "dssn.dataset": spec.dataset_name,
+        "dssn.protocol": spec.protocol,
+        "dssn.split": spec.split,
+        "dssn.backbone": spec.model.backbone,
+        "dssn.variant": spec.variant,
+        "dssn.seed": str(spec.seed),
+        "ray.trial_id": trial_id,
+        "ray.experiment": tracking["experiment"],
+        "git.commit": tracking["git_commit"],
+        "dvc.stage": tracking["dvc_stage"],
+    }
     info = split_info(Path(spec.split_dir), spec.split)
     tags.update({"dssn.n_labeled": str(info["n_labeled"]), "dssn.n_train": str(info["n_train"])})
-    run = TrialRun(tracking["uri"], tracking["experiment_id"], tracking["parent_id"],
-                   f"{spec.study}/{spec.cell}", tags, flatten(spec.to_dict()))
+    run = TrialRun(
+        tracking["uri"],
+        tracking["experiment_id"],
+        tracking["parent_id"],
+        f"{spec.study}/{spec.cell}",
+        tags,
+        flatten(spec.to_dict()),
+    )
     ckpt = Path(tracking["exp_dir"]) / "cells" / spec.cell / "state.pt"
     resume = torch.load(ckpt, map_location="cpu", weights_only=False) if ckpt.exists() else None
     try:
+
         def on_epoch(epoch: int, metrics: dict[str, float], state: dict) -> None:
             run.log_metrics(metrics, step=epoch)
             ckpt.parent.mkdir(parents=True, exist_ok=True)
@@ -161,10 +201,18 @@ def _trainable(config: dict, specs: dict[str, dict], tracking: dict[str, str], r
         if panel is not None:
             run.log_png(panel, "eval/predictions.png")
         run.set_tags({"checkpoint": str(ckpt)})
-        out = {"cell": spec.cell, "mlflow_run_id": run.run_id, "ray_trial_id": trial_id, "split": spec.split,
-               "variant": spec.variant, "seed": spec.seed, "backbone": spec.model.backbone,
-               "method.r": spec.method.r, "method.tau_low": spec.method.tau_low,
-               **{k: v for k, v in summary.items() if not k.startswith("final/iou_")}}
+        out = {
+            "cell": spec.cell,
+            "mlflow_run_id": run.run_id,
+            "ray_trial_id": trial_id,
+            "split": spec.split,
+            "variant": spec.variant,
+            "seed": spec.seed,
+            "backbone": spec.model.backbone,
+            "method.r": spec.method.r,
+            "method.tau_low": spec.method.tau_low,
+            **{k: v for k, v in summary.items() if not k.startswith("final/iou_")},
+        }
         result_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = result_file.with_name(f".{result_file.name}.tmp")
         tmp.write_text(json.dumps(out, indent=2, sort_keys=True))
@@ -206,8 +254,14 @@ def run_study(params: Params, study_name: str, root: Path) -> list[dict[str, Any
     return out["summaries"]
 
 
-def run_cells(params: Params, root: Path, name: str, specs: list[TrialSpec], runs_dir: Path,
-              search: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_cells(
+    params: Params,
+    root: Path,
+    name: str,
+    specs: list[TrialSpec],
+    runs_dir: Path,
+    search: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """One Ray Tune experiment over `specs` (a grid), or a search around them when `search` is set.
 
     `search` = {"space": {param: tune domain}, "num_samples": n, "scheduler": ..., "search_alg": ...,
@@ -215,8 +269,14 @@ def run_cells(params: Params, root: Path, name: str, specs: list[TrialSpec], run
     """
     from ray import tune
 
-    from pipeline.tracking import (ensure_experiment, finish_run, git_commit, mark_unfinished,
-                                   resolve_tracking_uri, start_parent)
+    from pipeline.tracking import (
+        ensure_experiment,
+        finish_run,
+        git_commit,
+        mark_unfinished,
+        resolve_tracking_uri,
+        start_parent,
+    )
 
     paths = study_paths(params, root)
     for spec in specs:  # fail before starting Ray when a split is missing
@@ -231,19 +291,37 @@ def run_cells(params: Params, root: Path, name: str, specs: list[TrialSpec], run
     exp_dir = paths.ray_results / exp_name
     exp_dir.mkdir(parents=True, exist_ok=True)
     commit = git_commit(paths.root)
-    parent = start_parent(uri, exp_id, name, exp_dir / "mlflow_parent_run_id",
-                          {"git.commit": commit, "dvc.stage": os.environ.get("DVC_STAGE", ""),
-                           "ray.experiment": exp_name, "dssn.n_cells": str(len(specs))})
+    parent = start_parent(
+        uri,
+        exp_id,
+        name,
+        exp_dir / "mlflow_parent_run_id",
+        {
+            "git.commit": commit,
+            "dvc.stage": os.environ.get("DVC_STAGE", ""),
+            "ray.experiment": exp_name,
+            "dssn.n_cells": str(len(specs)),
+        },
+    )
     runs_dir.mkdir(parents=True, exist_ok=True)
     if search is None:
         for stale in runs_dir.glob("*.json"):  # cells of an older definition of this study
             if stale.stem not in spec_dicts:
                 stale.unlink()
 
-    tracking = {"uri": uri, "experiment_id": exp_id, "parent_id": parent, "git_commit": commit,
-                "dvc_stage": os.environ.get("DVC_STAGE", ""), "experiment": exp_name, "exp_dir": str(exp_dir)}
+    tracking = {
+        "uri": uri,
+        "experiment_id": exp_id,
+        "parent_id": parent,
+        "git_commit": commit,
+        "dvc_stage": os.environ.get("DVC_STAGE", ""),
+        "experiment": exp_name,
+        "exp_dir": str(exp_dir),
+    }
     trainable = tune.with_resources(
-        tune.with_parameters(_trainable, specs=spec_dicts, tracking=tracking, runs_dir=str(runs_dir)), resources)
+        tune.with_parameters(_trainable, specs=spec_dicts, tracking=tracking, runs_dir=str(runs_dir)),
+        resources,
+    )
     if tune.Tuner.can_restore(str(exp_dir)):
         tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_errored=True)
     else:
@@ -252,14 +330,22 @@ def run_cells(params: Params, root: Path, name: str, specs: list[TrialSpec], run
             tune_cfg = tune.TuneConfig(max_concurrent_trials=params.ray.max_concurrent)
         else:
             space = {"cell": tune.grid_search(sorted(spec_dicts)), **search["space"]}
-            tune_cfg = tune.TuneConfig(metric=search["metric"], mode=search["mode"],
-                                       num_samples=search["num_samples"], scheduler=search.get("scheduler"),
-                                       search_alg=search.get("search_alg"),
-                                       max_concurrent_trials=params.ray.max_concurrent)
+            tune_cfg = tune.TuneConfig(
+                metric=search["metric"],
+                mode=search["mode"],
+                num_samples=search["num_samples"],
+                scheduler=search.get("scheduler"),
+                search_alg=search.get("search_alg"),
+                max_concurrent_trials=params.ray.max_concurrent,
+            )
         tuner = tune.Tuner(
-            trainable, param_space=space, tune_config=tune_cfg,
+            trainable,
+            param_space=space,
+            tune_config=tune_cfg,
             run_config=tune.RunConfig(
-                name=exp_name, storage_path=str(paths.ray_results), verbose=1,
+                name=exp_name,
+                storage_path=str(paths.ray_results),
+                verbose=1,
                 failure_config=tune.FailureConfig(max_failures=params.ray.max_failures),
             ),
         )
@@ -275,8 +361,10 @@ def run_cells(params: Params, root: Path, name: str, specs: list[TrialSpec], run
     if missing or results.num_errors:
         finish_run(uri, parent, "FAILED")
         errs = "; ".join(str(e).splitlines()[0] for e in results.errors[:3])
-        raise RuntimeError(f"{name}: {len(missing)} of {len(spec_dicts)} trials did not finish "
-                           f"({', '.join(missing[:5])}), {results.num_errors} errored. "
-                           f"Re-run to resume them. First errors: {errs}")
+        raise RuntimeError(
+            f"{name}: {len(missing)} of {len(spec_dicts)} trials did not finish "
+            f"({', '.join(missing[:5])}), {results.num_errors} errored. "
+            f"Re-run to resume them. First errors: {errs}"
+        )
     finish_run(uri, parent, "FINISHED")
     return {"summaries": summaries, "results": results, "experiment": exp_name}

@@ -26,19 +26,32 @@ def sweep_specs(params: Params, name: str, root: Path) -> list[TrialSpec]:
     """Base cells of the sweep (one per seed); grid mode expands them over r x tau_low."""
     sw = params.sweeps[name]
     template = next(s for s in study_specs(params, sw.study, root) if s.split == sw.split)
-    base = merge(params.method, params.studies[sw.study].overrides.method, f"studies.{sw.study}.overrides.method")
+    base = merge(
+        params.method, params.studies[sw.study].overrides.method, f"studies.{sw.study}.overrides.method"
+    )
     method = method_for_variant(base, sw.variant)
     out = []
     for seed in sw.seeds:
-        s = dataclasses.replace(template, study=f"sweep-{name}", variant=sw.variant, seed=seed, method=method,
-                                cell=f"{sw.split}-{template.model.backbone}-{sw.variant}-s{seed}")
+        s = dataclasses.replace(
+            template,
+            study=f"sweep-{name}",
+            variant=sw.variant,
+            seed=seed,
+            method=method,
+            cell=f"{sw.split}-{template.model.backbone}-{sw.variant}-s{seed}",
+        )
         if sw.mode == "explore":
             out.append(s)
             continue
         for r in sw.r:
             for tau in sw.tau_low:
-                out.append(dataclasses.replace(s, cell=f"{s.cell}-r{r:.4f}-t{tau:.4f}",
-                                               method=merge(s.method, {"r": r, "tau_low": tau}, f"sweeps.{name}")))
+                out.append(
+                    dataclasses.replace(
+                        s,
+                        cell=f"{s.cell}-r{r:.4f}-t{tau:.4f}",
+                        method=merge(s.method, {"r": r, "tau_low": tau}, f"sweeps.{name}"),
+                    )
+                )
     return out
 
 
@@ -46,17 +59,30 @@ def _search(sw: SweepCfg, epochs: int) -> dict[str, Any]:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    space = {"r": tune.uniform(min(sw.r), max(sw.r)), "tau_low": tune.uniform(min(sw.tau_low), max(sw.tau_low))}
+    space = {
+        "r": tune.uniform(min(sw.r), max(sw.r)),
+        "tau_low": tune.uniform(min(sw.tau_low), max(sw.tau_low)),
+    }
     search_alg = None
     if sw.search == "optuna":
         from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
 
         search_alg = ConcurrencyLimiter(OptunaSearch(seed=0), max_concurrent=4)
-    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=epochs, grace_period=sw.grace_period,
-                              reduction_factor=sw.reduction_factor)
-    return {"space": space, "num_samples": sw.num_samples, "scheduler": scheduler, "search_alg": search_alg,
-            "metric": METRIC, "mode": "max"}
+    scheduler = ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=epochs,
+        grace_period=sw.grace_period,
+        reduction_factor=sw.reduction_factor,
+    )
+    return {
+        "space": space,
+        "num_samples": sw.num_samples,
+        "scheduler": scheduler,
+        "search_alg": search_alg,
+        "metric": METRIC,
+        "mode": "max",
+    }
 
 
 def run_sweep(params: Params, name: str, root: Path) -> dict[str, Path]:
@@ -70,17 +96,34 @@ def run_sweep(params: Params, name: str, root: Path) -> dict[str, Path]:
         specs = specs[:1]
     res = run_cells(params, root, f"sweep-{name}", specs, out_dir / "runs", search=search)
     if sw.mode == "grid":
-        rows = [{"r": s["method.r"], "tau_low": s["method.tau_low"], "seed": s["seed"],
-                 "miou": s.get("final/miou_student_best"), "miou_best": s.get("final/miou_best"),
-                 "epochs": s.get("final/epochs"), "stopped_early": False} for s in res["summaries"]]
+        rows = [
+            {
+                "r": s["method.r"],
+                "tau_low": s["method.tau_low"],
+                "seed": s["seed"],
+                "miou": s.get("final/miou_student_best"),
+                "miou_best": s.get("final/miou_best"),
+                "epochs": s.get("final/epochs"),
+                "stopped_early": False,
+            }
+            for s in res["summaries"]
+        ]
     else:
         rows = []
         for r in res["results"]:
             hist = r.metrics_dataframe
             best = float(hist[METRIC].max()) if hist is not None and METRIC in hist else float("nan")
-            rows.append({"r": r.config["r"], "tau_low": r.config["tau_low"], "seed": 0, "miou": best,
-                         "miou_best": best, "epochs": r.metrics.get("training_iteration"),
-                         "stopped_early": r.metrics.get("training_iteration", 0) < specs[0].train.epochs})
+            rows.append(
+                {
+                    "r": r.config["r"],
+                    "tau_low": r.config["tau_low"],
+                    "seed": 0,
+                    "miou": best,
+                    "miou_best": best,
+                    "epochs": r.metrics.get("training_iteration"),
+                    "stopped_early": r.metrics.get("training_iteration", 0) < specs[0].train.epochs,
+                }
+            )
     return write_sweep_report(pd.DataFrame(rows), out_dir, name, sw.mode)
 
 
@@ -99,22 +142,45 @@ def write_sweep_report(df: pd.DataFrame, out_dir: Path, name: str, mode: str) ->
 
     out_dir.mkdir(parents=True, exist_ok=True)
     df = df.sort_values(["r", "tau_low", "seed"]).reset_index(drop=True)
-    paths = {"trials": out_dir / "trials.csv", "best": out_dir / "best.json",
-             "sensitivity": out_dir / "sensitivity.md", "heatmap": out_dir / "heatmap.png"}
+    paths = {
+        "trials": out_dir / "trials.csv",
+        "best": out_dir / "best.json",
+        "sensitivity": out_dir / "sensitivity.md",
+        "heatmap": out_dir / "heatmap.png",
+    }
     _atomic_write(paths["trials"], df.to_csv(index=False))
     full = df[~df["stopped_early"]] if mode == "explore" else df
     full = full if len(full) else df
     mean = full.groupby(["r", "tau_low"])["miou"].agg(["mean", "std", "count"]).reset_index()
     best = mean.loc[mean["mean"].idxmax()]
-    _atomic_write(paths["best"], json.dumps({"r": float(best["r"]), "tau_low": float(best["tau_low"]),
-                                             "miou": float(best["mean"]), "seeds": int(best["count"]),
-                                             "mode": mode, "metric": f"best-epoch {METRIC}"}, indent=2) + "\n")
+    _atomic_write(
+        paths["best"],
+        json.dumps(
+            {
+                "r": float(best["r"]),
+                "tau_low": float(best["tau_low"]),
+                "miou": float(best["mean"]),
+                "seeds": int(best["count"]),
+                "mode": mode,
+                "metric": f"best-epoch {METRIC}",
+            },
+            indent=2,
+        )
+        + "\n",
+    )
     grid = mean.pivot(index="r", columns="tau_low", values="mean")
-    lines = [f"# Sweep `{name}` ({mode}): best-epoch student mIoU (%), mean over seeds", "",
-             f"Best: r = {best['r']:g}, tau_low = {best['tau_low']:g} -> {best['mean']:.2f}", "",
-             f"Sensitivity: spread over the grid {np.nanmax(grid.values) - np.nanmin(grid.values):.2f} points; "
-             f"over r (mean per r) {_spread(mean, 'r'):.2f}; over tau_low {_spread(mean, 'tau_low'):.2f}", "",
-             grid.rename(columns=lambda c: f"tau_low={c:g}", index=lambda i: f"r={i:g}").to_markdown(floatfmt=".2f")]
+    lines = [
+        f"# Sweep `{name}` ({mode}): best-epoch student mIoU (%), mean over seeds",
+        "",
+        f"Best: r = {best['r']:g}, tau_low = {best['tau_low']:g} -> {best['mean']:.2f}",
+        "",
+        f"Sensitivity: spread over the grid {np.nanmax(grid.values) - np.nanmin(grid.values):.2f} points; "
+        f"over r (mean per r) {_spread(mean, 'r'):.2f}; over tau_low {_spread(mean, 'tau_low'):.2f}",
+        "",
+        grid.rename(columns=lambda c: f"tau_low={c:g}", index=lambda i: f"r={i:g}").to_markdown(
+            floatfmt=".2f"
+        ),
+    ]
     _atomic_write(paths["sensitivity"], "\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(1.2 * len(grid.columns) + 2, 1.0 * len(grid.index) + 1.5), dpi=100)
     im = ax.imshow(grid.values, cmap="viridis", aspect="auto")

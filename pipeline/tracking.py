@@ -38,7 +38,9 @@ def resolve_tracking_uri(configured: str | None, root: Path) -> str:
 
 def git_commit(root: Path) -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -69,7 +71,9 @@ def start_parent(uri: str, experiment_id: str, study: str, state_file: Path, tag
                 return run_id
         except Exception:  # noqa: BLE001 - a stale id: start a fresh parent
             pass
-    run = client.create_run(experiment_id, run_name=study, tags={"role": "parent", "dssn.study": study, **tags})
+    run = client.create_run(
+        experiment_id, run_name=study, tags={"role": "parent", "dssn.study": study, **tags}
+    )
     state_file.parent.mkdir(parents=True, exist_ok=True)
     state_file.write_text(run.info.run_id)
     return run.info.run_id
@@ -94,11 +98,20 @@ def _finite(v: Any) -> bool:
 class TrialRun:
     """The MLflow child run of one trial."""
 
-    def __init__(self, uri: str, experiment_id: str, parent_id: str, name: str, tags: dict[str, str],
-                 params: dict[str, Any]):
+    def __init__(
+        self,
+        uri: str,
+        experiment_id: str,
+        parent_id: str,
+        name: str,
+        tags: dict[str, str],
+        params: dict[str, Any],
+    ):
         self.client = MlflowClient(tracking_uri=uri)
-        query = (f"tags.`ray.experiment` = '{tags['ray.experiment']}' and tags.`dssn.cell` = '{tags['dssn.cell']}' "
-                 "and tags.role = 'trial'")
+        query = (
+            f"tags.`ray.experiment` = '{tags['ray.experiment']}' and tags.`dssn.cell` = '{tags['dssn.cell']}' "
+            "and tags.role = 'trial'"
+        )
         found = self.client.search_runs([experiment_id], filter_string=query, max_results=1)
         if found:  # a resumed or retried trial continues its run
             self.run_id = found[0].info.run_id
@@ -106,18 +119,19 @@ class TrialRun:
             self.set_tags({"ray.trial_id": tags["ray.trial_id"]})
             self.resumed = True
             return
-        run = self.client.create_run(experiment_id, run_name=name,
-                                     tags={"role": "trial", "mlflow.parentRunId": parent_id, **tags})
+        run = self.client.create_run(
+            experiment_id, run_name=name, tags={"role": "trial", "mlflow.parentRunId": parent_id, **tags}
+        )
         self.run_id, self.resumed = run.info.run_id, False
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i:i + 100])
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
 
     def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items() if _finite(v)]
         for i in range(0, len(items), MAX_BATCH):
-            self.client.log_batch(self.run_id, metrics=items[i:i + MAX_BATCH])
+            self.client.log_batch(self.run_id, metrics=items[i : i + MAX_BATCH])
 
     def set_tags(self, tags: dict[str, str]) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
@@ -145,7 +159,10 @@ class TrialRun:
 def prediction_panel(images: list[np.ndarray], gts: list[np.ndarray], preds: list[np.ndarray]) -> np.ndarray:
     """Rows of [image | ground truth | prediction], labels coloured with the VOC palette."""
     pal = np.array(voc_palette(), dtype=np.uint8).reshape(256, 3)
-    rows = [np.concatenate([img, pal[gt], pal[pr]], axis=1) for img, gt, pr in zip(images, gts, preds, strict=True)]
+    rows = [
+        np.concatenate([img, pal[gt], pal[pr]], axis=1)
+        for img, gt, pr in zip(images, gts, preds, strict=True)
+    ]
     width = max(r.shape[1] for r in rows)
     rows = [np.pad(r, ((0, 2), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
     return np.concatenate(rows, axis=0)

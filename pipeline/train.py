@@ -65,9 +65,16 @@ def pick_device(cfg: TrainCfg) -> torch.device:
 
 def _loader(ds: SegList, batch: int, seed: int, cfg: TrainCfg, device: torch.device) -> DataLoader:
     g = torch.Generator().manual_seed(seed)
-    return DataLoader(ds, batch_size=batch, sampler=RandomSampler(ds, generator=g), drop_last=True,
-                      num_workers=cfg.workers, pin_memory=device.type == "cuda",
-                      persistent_workers=cfg.workers > 0, generator=g)
+    return DataLoader(
+        ds,
+        batch_size=batch,
+        sampler=RandomSampler(ds, generator=g),
+        drop_last=True,
+        num_workers=cfg.workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=cfg.workers > 0,
+        generator=g,
+    )
 
 
 def _cycle(loader: DataLoader) -> Iterator[dict]:
@@ -103,8 +110,9 @@ class Trainer:
     falls back to eager on the first step.
     """
 
-    def __init__(self, model_cfg: ModelCfg, cfg: TrainCfg, mcfg: MethodCfg, num_classes: int,
-                 device: torch.device):
+    def __init__(
+        self, model_cfg: ModelCfg, cfg: TrainCfg, mcfg: MethodCfg, num_classes: int, device: torch.device
+    ):
         self.cfg, self.mcfg, self.device = cfg, mcfg, device
         self.student = build_model(model_cfg, num_classes).to(device)
         self.teacher = make_teacher(self.student) if (mcfg.use_unlabeled and mcfg.teacher) else None
@@ -116,7 +124,9 @@ class Trainer:
         groups = self.student.param_groups(cfg.lr, cfg.head_lr_mult)
         fast = {"fused": True} if cuda else {"foreach": True}
         if cfg.optimizer == "sgd":
-            self.opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **fast)
+            self.opt = torch.optim.SGD(
+                groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **fast
+            )
         else:
             self.opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **fast)
         if cfg.sup_loss == "ohem":
@@ -131,7 +141,9 @@ class Trainer:
 
     def _forward(self, b: Batch, gen: torch.Generator, first: bool):
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            return dssn_step(self.step_model, self.teacher, b, self.mcfg, self.sup_loss, gen, first_iter=first)
+            return dssn_step(
+                self.step_model, self.teacher, b, self.mcfg, self.sup_loss, gen, first_iter=first
+            )
 
     def step(self, b: Batch, gen: torch.Generator, iteration: int, total: int) -> tuple[torch.Tensor, dict]:
         """Forward, backward, SGD step, poly LR for the next step, EMA update. No host sync."""
@@ -194,8 +206,16 @@ def fit(spec: TrialSpec, on_epoch: EpochCallback | None = None, resume: dict | N
     for epoch in range(state["epoch"], cfg.epochs):
         gen.manual_seed(spec.seed * 100_003 + epoch)
         it_l = _cycle(_loader(lab, cfg.batch_l, spec.seed * 1000 + epoch, cfg, device))
-        it_u = _cycle(_loader(unl, cfg.batch_u, spec.seed * 1000 + epoch + 1, cfg, device)) if mcfg.use_unlabeled else None
-        it_m = _cycle(_loader(unl, cfg.batch_u, spec.seed * 1000 + epoch + 7, cfg, device)) if mcfg.use_unlabeled else None
+        it_u = (
+            _cycle(_loader(unl, cfg.batch_u, spec.seed * 1000 + epoch + 1, cfg, device))
+            if mcfg.use_unlabeled
+            else None
+        )
+        it_m = (
+            _cycle(_loader(unl, cfg.batch_u, spec.seed * 1000 + epoch + 7, cfg, device))
+            if mcfg.use_unlabeled
+            else None
+        )
         student.train()
         if teacher is not None:
             teacher.train(epoch == 0)  # reference quirk: train-mode BN in epoch 0, eval mode afterwards
@@ -209,7 +229,9 @@ def fit(spec: TrialSpec, on_epoch: EpochCallback | None = None, resume: dict | N
             bu = None
             if mcfg.use_unlabeled:
                 bu, bm = _to(next(it_u), device), _to(next(it_m), device)
-                b = dataclasses.replace(b, u=bu["image"], u_ign=bu["ignore"], m=bm["image"], m_ign=bm["ignore"])
+                b = dataclasses.replace(
+                    b, u=bu["image"], u_ign=bu["ignore"], m=bm["image"], m_ign=bm["ignore"]
+                )
             loss, stats = tr.step(b, gen, state["iteration"], total)
             state["iteration"] += 1
             labels, keep = stats.pop("pl_labels", None), stats.pop("pl_keep", None)
@@ -241,14 +263,22 @@ def fit(spec: TrialSpec, on_epoch: EpochCallback | None = None, resume: dict | N
                 best = state["best"].get(who)
                 if best is None or ev["miou"] > best["miou"]:
                     state["best"][who] = {"miou": ev["miou"], "epoch": epoch + 1}
-                state.setdefault("last_eval", {})[who] = {"miou": ev["miou"], "iou": ev["iou"],
-                                                          "confusion": ev["confusion"].tolist()}
+                state.setdefault("last_eval", {})[who] = {
+                    "miou": ev["miou"],
+                    "iou": ev["iou"],
+                    "confusion": ev["confusion"].tolist(),
+                }
         epoch_metrics["epoch"] = epoch + 1
         state["history"].append({k_: v for k_, v in epoch_metrics.items() if not k_.startswith("val_class")})
         metrics = epoch_metrics
         if on_epoch is not None:
-            ckpt = {"student": student.state_dict(), "teacher": teacher.state_dict() if teacher is not None else None,
-                    "optimizer": opt.state_dict(), **state, "spec": spec.to_dict()}
+            ckpt = {
+                "student": student.state_dict(),
+                "teacher": teacher.state_dict() if teacher is not None else None,
+                "optimizer": opt.state_dict(),
+                **state,
+                "spec": spec.to_dict(),
+            }
             on_epoch(epoch + 1, epoch_metrics, ckpt)
 
     summary = summarize(state, spec, metrics)

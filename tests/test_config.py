@@ -32,10 +32,21 @@ def test_repo_params_load():
         (lambda r: r["train"].update(epoch=3), "train.epoch", "unknown key"),
         (lambda r: r["method"].update(selection="magic"), "method.selection", "one of"),
         (lambda r: r["studies"]["demo"].update(dataset="voc"), "studies.demo.dataset", "must name a dataset"),
-        (lambda r: r["studies"]["demo"].update(variants=["dssn", "nope"]), "studies.demo.variants", "unknown"),
-        (lambda r: r["studies"]["demo"]["overrides"]["train"].update(lr=-1), "studies.demo.overrides.train.lr",
-         "positive"),
-        (lambda r: r["datasets"]["synthetic"].pop("num_classes"), "datasets.synthetic.num_classes", "missing"),
+        (
+            lambda r: r["studies"]["demo"].update(variants=["dssn", "nope"]),
+            "studies.demo.variants",
+            "unknown",
+        ),
+        (
+            lambda r: r["studies"]["demo"]["overrides"]["train"].update(lr=-1),
+            "studies.demo.overrides.train.lr",
+            "positive",
+        ),
+        (
+            lambda r: r["datasets"]["synthetic"].pop("num_classes"),
+            "datasets.synthetic.num_classes",
+            "missing",
+        ),
         (lambda r: r["studies"]["demo"].update(splits=["1_3"]), "studies.demo.splits", "not built"),
     ],
 )
@@ -48,8 +59,12 @@ def test_bad_params_name_the_key(tmp_path, mutate, key, expected):
 
 def test_cli_exits_2_before_any_work(tmp_path):
     p = _write(tmp_path, lambda r: r["method"].update(r=2))
-    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "--params", str(p), "train", "demo"],
-                         capture_output=True, text=True, cwd=tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "--params", str(p), "train", "demo"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert out.returncode == 2
     assert "`method.r` must be a float in (0, 1], got 2" in out.stderr
     assert not (tmp_path / "ray_results").exists() and not (tmp_path / "mlflow.db").exists()

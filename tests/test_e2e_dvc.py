@@ -23,15 +23,21 @@ def tiny_params(raw: dict) -> dict:
     raw["ray"].update(num_cpus=2, cpus_per_trial=0.5)
     demo = raw["studies"]["demo"]
     demo.update(splits=["1_8", "1_4"], variants=["supervised", "dssn"], seeds=[0])
-    demo["overrides"]["train"].update(epochs=2, iters_per_epoch=2, batch_l=2, batch_u=2, crop=32, eval_batch=12,
-                                      log_images=2)
+    demo["overrides"]["train"].update(
+        epochs=2, iters_per_epoch=2, batch_l=2, batch_u=2, crop=32, eval_batch=12, log_images=2
+    )
     demo["overrides"]["model"].update(aspp_channels=16, skip_channels=8, decoder_channels=16)
     return raw
 
 
 def copy_repo(dest: Path) -> Path:
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     for f in files:
         if (REPO / f).is_file():
             (dest / f).parent.mkdir(parents=True, exist_ok=True)
@@ -43,14 +49,20 @@ def copy_repo(dest: Path) -> Path:
 def env(work: Path) -> dict[str, str]:
     e = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS", "DVC_"))}
     e["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{e['PATH']}"
-    e.update(DVC_NO_ANALYTICS="1", MLFLOW_DISABLE_TELEMETRY="true", RAY_USAGE_STATS_ENABLED="0",
-             PYTHONPATH=str(work))
+    e.update(
+        DVC_NO_ANALYTICS="1",
+        MLFLOW_DISABLE_TELEMETRY="true",
+        RAY_USAGE_STATS_ENABLED="0",
+        PYTHONPATH=str(work),
+    )
     return e
 
 
 def dvc(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).parent / "dvc"
-    return subprocess.run([str(exe), *args], cwd=cwd, env=env(cwd), capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        [str(exe), *args], cwd=cwd, env=env(cwd), capture_output=True, text=True, timeout=900
+    )
 
 
 def test_dvc_repro_end_to_end(tmp_path):

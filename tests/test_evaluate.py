@@ -25,8 +25,12 @@ def test_iou_accumulates_over_the_set_not_per_image():
 
 def test_sliding_window_equals_whole_image_when_one_window_covers_it():
     torch.manual_seed(0)
-    m = build_model(ModelCfg(backbone="resnet18", deep_stem=False, aspp_channels=16, skip_channels=8,
-                             decoder_channels=16), 4).eval()
+    m = build_model(
+        ModelCfg(
+            backbone="resnet18", deep_stem=False, aspp_channels=16, skip_channels=8, decoder_channels=16
+        ),
+        4,
+    ).eval()
     x = torch.randn(1, 3, 40, 56)
     with torch.no_grad():
         whole = m(x).softmax(1)
@@ -44,7 +48,16 @@ def test_sliding_window_visits_reference_positions():
 
     sliding_window_logits(Probe(), torch.zeros(1, 3, 1024, 2048), 2, crop=801)
     # rows 0, 534; cols 0, 534, 1068, 1602; border windows truncated (dssn-method.md §8)
-    assert seen == [(801, 801), (801, 801), (801, 801), (801, 446), (490, 801), (490, 801), (490, 801), (490, 446)]
+    assert seen == [
+        (801, 801),
+        (801, 801),
+        (801, 801),
+        (801, 446),
+        (490, 801),
+        (490, 801),
+        (490, 801),
+        (490, 446),
+    ]
 
 
 def test_evaluate_perfect_model():

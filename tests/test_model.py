@@ -7,7 +7,9 @@ from pipeline.model import WeightLoadError, build_model, load_backbone_weights
 SMALL = dict(aspp_channels=16, skip_channels=8, decoder_channels=16)
 
 
-@pytest.mark.parametrize(("backbone", "deep_stem"), [("resnet18", False), ("resnet18", True), ("resnet50", True)])
+@pytest.mark.parametrize(
+    ("backbone", "deep_stem"), [("resnet18", False), ("resnet18", True), ("resnet50", True)]
+)
 def test_output_shape_and_fp_views(backbone, deep_stem):
     torch.manual_seed(0)
     m = build_model(ModelCfg(backbone=backbone, deep_stem=deep_stem, **SMALL), num_classes=5)
@@ -34,9 +36,17 @@ def test_paper_model_sizes():
 def test_deep_stem_key_layout_and_strict_loading(tmp_path):
     m = build_model(ModelCfg(backbone="resnet18", deep_stem=True, **SMALL), num_classes=3)
     keys = set(m.backbone.state_dict())
-    assert {"conv1.0.weight", "conv1.1.weight", "conv1.3.weight", "conv1.4.running_mean", "conv1.6.weight",
-            "bn1.weight"} <= keys
-    state = {k: torch.full_like(v, 0.5) if v.is_floating_point() else v for k, v in m.backbone.state_dict().items()}
+    assert {
+        "conv1.0.weight",
+        "conv1.1.weight",
+        "conv1.3.weight",
+        "conv1.4.running_mean",
+        "conv1.6.weight",
+        "bn1.weight",
+    } <= keys
+    state = {
+        k: torch.full_like(v, 0.5) if v.is_floating_point() else v for k, v in m.backbone.state_dict().items()
+    }
     state["fc.weight"] = torch.zeros(1000, 512)  # classifier keys are ignored
     torch.save(state, tmp_path / "ok.pth")
     m2 = build_model(ModelCfg(backbone="resnet18", deep_stem=True, **SMALL), num_classes=3)

@@ -72,8 +72,14 @@ def _trial_runs(root: Path, study: str = "demo"):
 def test_four_trials_run_concurrently(tmp_path):
     params = tiny_params(yaml.safe_load((REPO / "params.yaml").read_text()))
     root = _prepare(tmp_path, params)
-    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", "demo"], cwd=root, env=_env(root),
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "train", "demo"],
+        cwd=root,
+        env=_env(root),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     _, trials = _trial_runs(root)
     assert len(trials) == 4
@@ -90,8 +96,14 @@ def test_killed_study_resumes_without_repeating_or_duplicating(tmp_path):
     params["ray"].update(cpus_per_trial=1.0)  # 2 at a time: supervised cells finish first
     root = _prepare(tmp_path, params)
     runs_dir = root / "results/runs/demo"
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", "demo"], cwd=root, env=_env(root),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "train", "demo"],
+        cwd=root,
+        env=_env(root),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 400
     while time.time() < deadline and len(list(runs_dir.glob("*.json"))) < 1:
         time.sleep(0.5)
@@ -102,8 +114,14 @@ def test_killed_study_resumes_without_repeating_or_duplicating(tmp_path):
     subprocess.run(["pkill", "-9", "-f", f"ray.*{root}"], check=False)
     assert len(finished) < 4, "the study finished before it could be killed"
 
-    again = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", "demo"], cwd=root, env=_env(root),
-                           capture_output=True, text=True, timeout=600)
+    again = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "train", "demo"],
+        cwd=root,
+        env=_env(root),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     now = {p.name: p.stat().st_mtime_ns for p in runs_dir.glob("*.json")}
     assert len(now) == 4
@@ -111,8 +129,9 @@ def test_killed_study_resumes_without_repeating_or_duplicating(tmp_path):
         assert now[name] == mtime, f"{name} was trained again"
     client, trials = _trial_runs(root)
     assert len(trials) == 4, "a resumed trial opened a second MLflow run"
-    assert {r.data.tags["dssn.cell"] for r in trials} == {json.loads(p.read_text())["cell"]
-                                                           for p in runs_dir.glob("*.json")}
+    assert {r.data.tags["dssn.cell"] for r in trials} == {
+        json.loads(p.read_text())["cell"] for p in runs_dir.glob("*.json")
+    }
     for r in trials:
         assert r.info.status == "FINISHED"
         steps = [m.step for m in client.get_metric_history(r.info.run_id, "val/miou_student")]

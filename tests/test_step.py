@@ -21,8 +21,14 @@ def batch(n: int = 2, size: int = 32, classes: int = 4, seed: int = 0) -> Batch:
     img = lambda: torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)  # noqa: E731
     ign = torch.zeros(n, size, size, dtype=torch.bool)
     ign[:, -4:] = True
-    return Batch(x=img(), y=torch.randint(0, classes, (n, size, size), generator=g), u=img(), u_ign=ign, m=img(),
-                 m_ign=ign.clone())
+    return Batch(
+        x=img(),
+        y=torch.randint(0, classes, (n, size, size), generator=g),
+        u=img(),
+        u_ign=ign,
+        m=img(),
+        m_ign=ign.clone(),
+    )
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -73,7 +79,13 @@ def test_total_loss_combines_terms_with_the_code_weights():
     torch.manual_seed(0)
     tr = Trainer(MODEL, TRAIN, MethodCfg(), 4, torch.device("cpu"))
     cfg = dataclasses.replace(MethodCfg(), selection="fixed", threshold=0.0)
-    loss, st = dssn_step(tr.student, tr.teacher, batch(), cfg, supervised_ce, torch.Generator().manual_seed(0))
-    expected = 0.5 * (st["loss_x"] + 0.25 * st["loss_s"] + 0.25 * st["loss_fp"]
-                      + 0.01 * (st["loss_con_img"] + st["loss_con_feat"]))
+    loss, st = dssn_step(
+        tr.student, tr.teacher, batch(), cfg, supervised_ce, torch.Generator().manual_seed(0)
+    )
+    expected = 0.5 * (
+        st["loss_x"]
+        + 0.25 * st["loss_s"]
+        + 0.25 * st["loss_fp"]
+        + 0.01 * (st["loss_con_img"] + st["loss_con_feat"])
+    )
     assert float(loss) == pytest.approx(float(expected), rel=1e-5)

@@ -19,7 +19,7 @@ def test_labels_long_tailed_with_void_band():
         _, lab = render(0, "train", i)
         counts += np.bincount(lab.ravel(), minlength=256)
     assert set(np.nonzero(counts)[0]) <= set(range(len(CLASSES))) | {255}
-    objects = counts[1:len(CLASSES)]
+    objects = counts[1 : len(CLASSES)]
     assert objects.min() > 0  # every class appears
     assert objects[0] > 5 * objects[-1]  # disc much more frequent than star
     assert 0.005 < counts[255] / counts.sum() < 0.1  # a thin void band, like VOC borders

@@ -37,8 +37,15 @@ def select(prob: Tensor, ignore: Tensor, cfg: MethodCfg) -> tuple[Tensor, Tensor
     return fixed_threshold_mask(prob, threshold=cfg.threshold, ignore=ignore)
 
 
-def dssn_step(student: nn.Module, teacher: nn.Module | None, b: Batch, cfg: MethodCfg,
-              sup_loss, gen: torch.Generator, first_iter: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+def dssn_step(
+    student: nn.Module,
+    teacher: nn.Module | None,
+    b: Batch,
+    cfg: MethodCfg,
+    sup_loss,
+    gen: torch.Generator,
+    first_iter: bool = False,
+) -> tuple[Tensor, dict[str, Tensor]]:
     """Loss of one iteration and its parts (tensors, no host sync)."""
     x = normalize(b.x.float() / 255.0)
     if not cfg.use_unlabeled:  # supervised-only baseline: the same model, loader and schedule
@@ -54,9 +61,11 @@ def dssn_step(student: nn.Module, teacher: nn.Module | None, b: Batch, cfg: Meth
     s2 = paste(strong_augment(u01, gen, cfg.intensity_ops), strong_augment(m01, gen, cfg.intensity_ops), box2)
 
     # Student: clean + feature-dropout views of [labeled, weak] in one pass, then both strong views.
-    outs = student(torch.cat([x, normalize(u01)]), n_fp=cfg.n_fp, fp_p=cfg.fp_dropout, fp_levels=cfg.fp_levels)
-    clean, fps = (outs[0], [o[len(x):] for o in outs[1:]]) if cfg.n_fp else (outs, [])
-    pred_x, pred_w = clean[: len(x)], clean[len(x):]
+    outs = student(
+        torch.cat([x, normalize(u01)]), n_fp=cfg.n_fp, fp_p=cfg.fp_dropout, fp_levels=cfg.fp_levels
+    )
+    clean, fps = (outs[0], [o[len(x) :] for o in outs[1:]]) if cfg.n_fp else (outs, [])
+    pred_x, pred_w = clean[: len(x)], clean[len(x) :]
     pred_s1, pred_s2 = student(torch.cat([normalize(s1), normalize(s2)])).chunk(2)
 
     # Pseudo-labels. Image-level: EMA teacher (UniMatch: the student itself), weak outside the box,
@@ -83,8 +92,17 @@ def dssn_step(student: nn.Module, teacher: nn.Module | None, b: Batch, cfg: Meth
     con_img = consistency_loss(pred_s1, pred_s2, cfg.con_mode) if cfg.con_img else zero
     con_feat = consistency_loss(fps[0], fps[1], cfg.con_mode) if cfg.con_feat and len(fps) == 2 else zero
 
-    loss = cfg.global_scale * (loss_x + cfg.w_s * loss_s + cfg.w_fp * loss_fp + cfg.w_con * (con_img + con_feat))
-    stats = {"loss_x": loss_x, "loss_s": loss_s, "loss_fp": loss_fp, "loss_con_img": con_img,
-             "loss_con_feat": con_feat, "mask_ratio": (keepw & validw).sum() / validw.sum().clamp(min=1),
-             "pl_labels": tw, "pl_keep": keepw & validw}
+    loss = cfg.global_scale * (
+        loss_x + cfg.w_s * loss_s + cfg.w_fp * loss_fp + cfg.w_con * (con_img + con_feat)
+    )
+    stats = {
+        "loss_x": loss_x,
+        "loss_s": loss_s,
+        "loss_fp": loss_fp,
+        "loss_con_img": con_img,
+        "loss_con_feat": con_feat,
+        "mask_ratio": (keepw & validw).sum() / validw.sum().clamp(min=1),
+        "pl_labels": tw,
+        "pl_keep": keepw & validw,
+    }
     return loss, {k: v.detach() for k, v in stats.items()}
