@@ -1,55 +1,84 @@
-"""Labeled/unlabeled split lists, in UniMatch's line format (`<image> <mask>` per line).
+"""Labeled/unlabeled split lists in UniMatch's line format (`<image> <mask>`, paths relative to the root).
 
-Protocols: `blended` (CPS rule: every k-th item of the sorted train list from index 0; the
-unlabeled list is the rest in sorted order — reproduces CPS/UniMatch 1/16, 1/8, 1/4, 1/2
-exactly), `classic` (fixed counts drawn from the fine-annotated pool, e.g. VOC 92...1464),
-`cityscapes` (fractions, ceil(n/k): 186/372/744/1488 and 1/30 -> 100) and `random`.
-The published lists' seeds are unknown, so `classic`/`cityscapes` draws are seeded random;
-`source: official` copies the published lists instead.
+Protocols (recorded in every `split.json`, so results of different protocols can never be mixed up):
+
+* `blended` — the CPS rule: labeled = every k-th item of the lexicographically sorted train list,
+  starting at index 0; unlabeled = all other items, also in sorted order. Reproduces CPS
+  `train_aug_{labeled,unlabeled}_1-{16,8,4,2}` and UniMatch `pascal/1_{16,8,4}` exactly, ids *and*
+  order (both publish the unlabeled list in sorted order).
+* `classic` — a fixed count (`92` ... `1464`) drawn from the fine-annotated pool (VOC train);
+  unlabeled = the rest of the train list.
+* `cityscapes` / `random` — fractions `1_k`, n = ceil(N / k) (2975 -> 186/372/744/1488, 1/30 -> 100),
+  drawn seeded-random. The published lists' seeds are unknown, so a generated classic/cityscapes
+  split has the published *sizes* but not the published ids; `source="official"` copies those.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import random
 import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline.data.errors import DataError
 
 PROTOCOLS = ("blended", "classic", "cityscapes", "random")
+SOURCES = ("generate", "official")
 
 
 def read_list(path: Path) -> list[str]:
+    """Non-empty stripped lines; tolerates CRLF and a missing trailing newline (both occur upstream)."""
     path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: list file not found")
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise DataError(f"{path}: list file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read list file ({e})") from e
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def write_list(path: Path, lines: Sequence[str]) -> None:
-    """Atomic write (temp file in the same folder, then rename)."""
+    """Atomic, so a reader never sees a half-written list."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(f"{line}\n" for line in lines))
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="\n") as f:
+            f.writelines(f"{line}\n" for line in lines)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _no_duplicates(ids: Sequence[str], what: str) -> None:
+    if len(set(ids)) != len(ids):
+        seen: set[str] = set()
+        dup = next(x for x in ids if x in seen or seen.add(x))
+        raise DataError(f"{what}: duplicate entry {dup!r}")
 
 
 def blended_split(ids: Sequence[str], denominator: int) -> tuple[list[str], list[str]]:
-    """CPS rule: labeled = sorted(ids)[0::k], unlabeled = the others, both in sorted order."""
+    """CPS rule: labeled = sorted(ids)[0::k]; unlabeled = the rest, in sorted order like CPS and UniMatch."""
     if denominator < 1:
         raise DataError(f"blended split: denominator must be >= 1, got {denominator}")
+    _no_duplicates(ids, "blended split ids")
     s = sorted(ids)
     return s[0::denominator], [x for i, x in enumerate(s) if i % denominator]
 
 
 def random_split(ids: Sequence[str], n_labeled: int, seed: int) -> tuple[list[str], list[str]]:
+    """Seeded draw of n items; both lists come back sorted so the output depends only on (ids, n, seed)."""
+    _no_duplicates(ids, "random split ids")
     s = sorted(ids)
     if not 0 < n_labeled <= len(s):
         raise DataError(f"random split: cannot draw {n_labeled} labeled items from {len(s)}")
@@ -57,105 +86,277 @@ def random_split(ids: Sequence[str], n_labeled: int, seed: int) -> tuple[list[st
     return [x for x in s if x in chosen], [x for x in s if x not in chosen]
 
 
-def classic_split(fine: Sequence[str], pool: Sequence[str], n_labeled: int, seed: int) -> tuple[list[str], list[str]]:
-    """Labeled drawn from the fine-annotated `fine` ids; unlabeled = the rest of `pool`."""
+def classic_split(
+    fine: Sequence[str], pool: Sequence[str], n_labeled: int, seed: int
+) -> tuple[list[str], list[str]]:
+    """Labeled drawn from the fine-annotated `fine` items; unlabeled = the rest of `pool` (sorted)."""
+    _no_duplicates(fine, "classic split fine pool")
+    _no_duplicates(pool, "classic split train pool")
     if not 0 < n_labeled <= len(fine):
         raise DataError(f"classic split: cannot draw {n_labeled} labeled items from {len(fine)} fine ones")
-    labeled = sorted(fine) if n_labeled == len(fine) else sorted(random.Random(seed).sample(sorted(fine), n_labeled))
+    missing = set(fine) - set(pool)
+    if missing:
+        raise DataError(
+            f"classic split: {len(missing)} fine-annotated items are not in the train pool, "
+            f"e.g. {sorted(missing)[0]!r}"
+        )
+    s = sorted(fine)
+    labeled = s if n_labeled == len(s) else sorted(random.Random(seed).sample(s, n_labeled))
     lab = set(labeled)
     return labeled, [x for x in sorted(pool) if x not in lab]
 
 
-def _denominator(split: str, protocol: str) -> int:
-    if not split.startswith("1_") or not split[2:].isdigit() or int(split[2:]) < 1:
-        raise DataError(f"split {split!r}: protocol {protocol} expects fractions like '1_16', '1_8'")
-    return int(split[2:])
+def denominator(split: str, protocol: str) -> int:
+    """`1_16` -> 16; anything else is a clear error naming the split."""
+    head, sep, tail = split.partition("_")
+    if head != "1" or not sep or not tail.isdigit() or int(tail) < 2:
+        raise DataError(
+            f"split {split!r}: protocol {protocol!r} expects fractions like '1_16', '1_8', '1_4', '1_2'"
+        )
+    return int(tail)
 
 
-def _one_split(protocol: str, split: str, train: list[str], fine: list[str] | None, seed: int):
-    if protocol == "blended":
-        return blended_split(train, _denominator(split, protocol))
+def expected_labeled(protocol: str, split: str, n_train: int, n_fine: int | None = None) -> int:
+    """How many labeled items a split of this protocol must have (also used to check published lists)."""
+    if protocol not in PROTOCOLS:
+        raise DataError(f"splits.protocol: expected one of {PROTOCOLS}, got {protocol!r}")
     if protocol == "classic":
-        if not split.isdigit():
-            raise DataError(f"split {split!r}: protocol classic expects a labeled count like '92' or '1464'")
+        if not split.isdigit() or int(split) < 1:
+            raise DataError(f"split {split!r}: protocol 'classic' expects a labeled count like '92' or '1464'")
+        n = int(split)
+        if n_fine is not None and n > n_fine:
+            raise DataError(f"split {split!r}: only {n_fine} fine-annotated items (train_fine.txt) to draw from")
+        return n
+    return math.ceil(n_train / denominator(split, protocol))
+
+
+def build_split(
+    protocol: str, split: str, train: Sequence[str], fine: Sequence[str] | None = None, seed: int = 0
+) -> tuple[list[str], list[str]]:
+    """One (labeled, unlabeled) pair by protocol name."""
+    n = expected_labeled(protocol, split, len(train), None if fine is None else len(fine))
+    if protocol == "blended":
+        return blended_split(train, denominator(split, protocol))
+    if protocol == "classic":
         if fine is None:
-            raise DataError("protocol classic needs lists/train_fine.txt (the fine-annotated pool)")
-        return classic_split(fine, train, int(split), seed)
-    n = math.ceil(len(train) / _denominator(split, protocol))
+            raise DataError("protocol 'classic' needs lists/train_fine.txt (the fine-annotated pool)")
+        return classic_split(fine, train, n, seed)
     return random_split(train, n, seed)
 
 
-def make_splits(lists_dir: Path, out_dir: Path, protocol: str, splits: Sequence[str], source: str = "generate",
-                seed: int = 0, official_root: Path | None = None, root: Path | None = None) -> dict:
-    """Write `<out>/<split>/{labeled,unlabeled}.txt`, `split.json` and `<out>/val.txt` (atomically)."""
-    if protocol not in PROTOCOLS:
-        raise DataError(f"splits.protocol must be one of {PROTOCOLS}, got {protocol!r}")
-    lists_dir, out_dir = Path(lists_dir), Path(out_dir)
-    train, val = read_list(lists_dir / "train.txt"), read_list(lists_dir / "val.txt")
-    fine = read_list(lists_dir / "train_fine.txt") if (lists_dir / "train_fine.txt").exists() else None
-    tmp = out_dir.parent / f".tmp-{out_dir.name}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    summary = {}
-    try:
-        for split in splits:
-            if source == "official":
-                if official_root is None:
-                    raise DataError("splits.source is 'official' but splits.official_root is not set")
-                lab = read_list(Path(official_root) / split / "labeled.txt")
-                unl = read_list(Path(official_root) / split / "unlabeled.txt")
-            else:
-                lab, unl = _one_split(protocol, split, train, fine, seed)
-            check_split(lab, unl, f"{out_dir}/{split}", root)
-            write_list(tmp / split / "labeled.txt", lab)
-            write_list(tmp / split / "unlabeled.txt", unl)
-            meta = {"protocol": protocol, "split": split, "n_labeled": len(lab), "n_unlabeled": len(unl),
-                    "n_train": len(lab) + len(unl), "source": source, "seed": seed}
-            (tmp / split / "split.json").write_text(json.dumps(meta, indent=2) + "\n")
-            summary[split] = meta
-        write_list(tmp / "val.txt", val)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-    return summary
-
-
-def check_split(labeled: Sequence[str], unlabeled: Sequence[str], where: str, root: Path | None = None) -> None:
+def check_split(
+    labeled: Sequence[str],
+    unlabeled: Sequence[str],
+    where: str,
+    root: Path | None = None,
+    train: Sequence[str] | None = None,
+) -> None:
+    """Reject empty, overlapping, duplicated or dangling lists before anything is written."""
     if not labeled:
         raise DataError(f"{where}/labeled.txt: the labeled list is empty")
     if not unlabeled:
         raise DataError(f"{where}/unlabeled.txt: the unlabeled list is empty")
+    _no_duplicates(labeled, f"{where}/labeled.txt")
+    _no_duplicates(unlabeled, f"{where}/unlabeled.txt")
     overlap = set(labeled) & set(unlabeled)
     if overlap:
-        raise DataError(f"{where}: {len(overlap)} items are both labeled and unlabeled, e.g. {sorted(overlap)[0]!r}")
+        raise DataError(
+            f"{where}: {len(overlap)} items are both in labeled.txt and unlabeled.txt, e.g. {sorted(overlap)[0]!r}"
+        )
+    if train is not None:
+        union, full = set(labeled) | set(unlabeled), set(train)
+        if union != full:
+            extra, lost = sorted(union - full), sorted(full - union)
+            raise DataError(
+                f"{where}: labeled ∪ unlabeled must equal the {len(full)} train items; "
+                f"{len(extra)} not in train (e.g. {extra[:1]}), {len(lost)} train items missing (e.g. {lost[:1]})"
+            )
     if root is not None:
-        for line in (*labeled, *unlabeled):
-            for rel in line.split():
-                if not (Path(root) / rel).exists():
-                    raise DataError(f"{where}: {rel} (listed) does not exist under {root}")
+        check_files(labeled, f"{where}/labeled.txt", root)
+        check_files(unlabeled, f"{where}/unlabeled.txt", root)
+
+
+def check_files(lines: Sequence[str], where: str, root: Path) -> None:
+    """Every path named on every line must exist under the dataset root."""
+    root = Path(root)
+    for line in lines:
+        for rel in line.split():
+            if not (root / rel).is_file():
+                raise DataError(f"{where}: {rel} is listed but does not exist under {root}")
+
+
+def _pairs(lines: list[str], path: Path) -> list[str]:
+    for no, line in enumerate(lines, 1):
+        if len(line.split()) != 2:
+            raise DataError(f"{path}:{no}: expected '<image path> <mask path>', got {line!r}")
+    return lines
+
+
+def _meta(protocol: str, split: str, lab: list[str], unl: list[str], source: str, seed: int) -> dict:
+    return {
+        "protocol": protocol,
+        "split": split,
+        "n_labeled": len(lab),
+        "n_unlabeled": len(unl),
+        "n_train": len(lab) + len(unl),
+        "source": source,
+        "seed": seed,
+    }
+
+
+def _write_json(path: Path, obj: object) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _swap_in(tmp: Path, out_dir: Path) -> None:
+    """Replace out_dir by tmp; the old tree is only removed once the new one is in place."""
+    old = None
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".old-{out_dir.name}-", dir=out_dir.parent))
+        os.replace(out_dir, old / "x")
+    try:
+        os.replace(tmp, out_dir)
+    except BaseException:
+        if old is not None:
+            os.replace(old / "x", out_dir)
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _official(official_root: Path, split: str) -> tuple[list[str], list[str]]:
+    out = []
+    for name in ("labeled.txt", "unlabeled.txt"):
+        p = official_root / split / name
+        if not p.is_file():
+            raise DataError(f"{p}: published split list not found (splits.official_root / {split} / {name})")
+        out.append(_pairs(read_list(p), p))
+    return out[0], out[1]
+
+
+def make_splits(
+    lists_dir: Path,
+    out_dir: Path,
+    protocol: str,
+    splits: Sequence[str],
+    source: str = "generate",
+    seed: int = 0,
+    official_root: Path | None = None,
+    root: Path | None = None,
+) -> dict:
+    """Write `<out>/<split>/{labeled,unlabeled}.txt` + `split.json` and `<out>/val.txt`, all or nothing.
+
+    `root` (default: none for generated splits, `lists_dir.parent` for official ones) makes every
+    referenced file be checked for existence.
+    """
+    if protocol not in PROTOCOLS:
+        raise DataError(f"splits.protocol: expected one of {PROTOCOLS}, got {protocol!r}")
+    if source not in SOURCES:
+        raise DataError(f"splits.source: expected one of {SOURCES}, got {source!r}")
+    if not splits:
+        raise DataError("splits.names: no split names given")
+    _no_duplicates(list(splits), "splits.names")
+    lists_dir, out_dir = Path(lists_dir), Path(out_dir)
+    train = _pairs(read_list(lists_dir / "train.txt"), lists_dir / "train.txt")
+    val = _pairs(read_list(lists_dir / "val.txt"), lists_dir / "val.txt")
+    fine_path = lists_dir / "train_fine.txt"
+    fine = _pairs(read_list(fine_path), fine_path) if fine_path.exists() else None
+    for lst, p in ((train, lists_dir / "train.txt"), (val, lists_dir / "val.txt")):
+        if not lst:
+            raise DataError(f"{p}: the list is empty")
+        _no_duplicates(lst, str(p))
+    both = set(train) & set(val)
+    if both:
+        raise DataError(f"{lists_dir}: {len(both)} items are in both train.txt and val.txt, e.g. {min(both)!r}")
+    if source == "official":
+        if official_root is None:
+            raise DataError("splits.source is 'official' but splits.official_root is not set")
+        official_root = Path(official_root)
+        if root is None:
+            root = lists_dir.parent
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
+    summary: dict = {"protocol": protocol, "source": source, "seed": seed, "n_train": len(train), "splits": {}}
+    try:
+        for split in splits:
+            where = f"{out_dir}/{split}"
+            n_expected = expected_labeled(protocol, split, len(train), None if fine is None else len(fine))
+            if source == "official":
+                lab, unl = _official(official_root, split)
+                where = str(official_root / split)
+                if len(lab) != n_expected:
+                    raise DataError(
+                        f"{official_root / split / 'labeled.txt'}: {len(lab)} labeled items, but protocol "
+                        f"{protocol!r} split {split!r} of {len(train)} train items expects {n_expected}"
+                    )
+            else:
+                lab, unl = build_split(protocol, split, train, fine, seed)
+            check_split(lab, unl, where, root, train=train)
+            if protocol == "classic" and fine is not None and not set(lab) <= set(fine):
+                raise DataError(f"{where}/labeled.txt: classic labeled items must come from train_fine.txt")
+            write_list(tmp / split / "labeled.txt", lab)
+            write_list(tmp / split / "unlabeled.txt", unl)
+            meta = _meta(protocol, split, lab, unl, source, seed)
+            _write_json(tmp / split / "split.json", meta)
+            summary["splits"][split] = meta
+        if source == "official" and (official_root / "val.txt").is_file():
+            pub_val = _pairs(read_list(official_root / "val.txt"), official_root / "val.txt")
+            if set(pub_val) != set(val):
+                raise DataError(
+                    f"{official_root / 'val.txt'}: published val list ({len(pub_val)} items) differs from "
+                    f"{lists_dir / 'val.txt'} ({len(val)} items)"
+                )
+            val = pub_val
+        if root is not None:
+            check_files(val, f"{out_dir}/val.txt", root)
+        write_list(tmp / "val.txt", val)
+        summary["n_val"] = len(val)
+        _swap_in(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Build split lists from any id/line list.")
-    p.add_argument("--ids", required=True, help="file with one id (or '<image> <mask>' line) per line")
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline.data.splits", description="Build split lists from any id (or list-line) file."
+    )
+    p.add_argument("--ids", required=True, type=Path, help="one id or '<image> <mask>' line per line")
     p.add_argument("--protocol", default="blended", choices=PROTOCOLS)
-    p.add_argument("--splits", nargs="+", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--splits", nargs="+", required=True, help="e.g. 1_16 1_8 (fractions) or 92 183 (classic)")
+    p.add_argument("--out", required=True, type=Path)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fine", help="fine-annotated pool (classic protocol)")
+    p.add_argument("--fine", type=Path, help="fine-annotated pool (protocol classic)")
+    p.add_argument("--val", type=Path, help="val list to copy to <out>/val.txt")
     args = p.parse_args(argv)
     try:
-        ids = read_list(Path(args.ids))
-        fine = read_list(Path(args.fine)) if args.fine else None
-        for split in args.splits:
-            lab, unl = _one_split(args.protocol, split, ids, fine, args.seed)
-            check_split(lab, unl, f"{args.out}/{split}")
-            write_list(Path(args.out) / split / "labeled.txt", lab)
-            write_list(Path(args.out) / split / "unlabeled.txt", unl)
-            print(f"{split}: {len(lab)} labeled, {len(unl)} unlabeled")
+        ids = read_list(args.ids)
+        if not ids:
+            raise DataError(f"{args.ids}: the id list is empty")
+        fine = read_list(args.fine) if args.fine else None
+        val = read_list(args.val) if args.val else None
+        _no_duplicates(list(args.splits), "--splits")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{args.out.name}-", dir=args.out.parent))
+        try:
+            for split in args.splits:
+                lab, unl = build_split(args.protocol, split, ids, fine, args.seed)
+                check_split(lab, unl, f"{args.out}/{split}", train=ids)
+                write_list(tmp / split / "labeled.txt", lab)
+                write_list(tmp / split / "unlabeled.txt", unl)
+                _write_json(tmp / split / "split.json", _meta(args.protocol, split, lab, unl, "generate", args.seed))
+                print(f"{split}: {len(lab)} labeled, {len(unl)} unlabeled")
+            if val is not None:
+                write_list(tmp / "val.txt", val)
+            _swap_in(tmp, args.out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
