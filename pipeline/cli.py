@@ -43,17 +43,21 @@ def cmd_fetch(params: Params, root: Path, name: str) -> None:
     if ds.kind == "synthetic":
         from pipeline.data.synthetic import generate
 
-        s = ds.synthetic
+        s = src.synthetic
         generate(raw / "VOC2012", s.n_train, s.n_val, s.size, s.seed)
         source = {"voc_root": _rel(raw / "VOC2012", root), "sbd_root": None}
     elif ds.kind == "voc":
         from pipeline.data import fetch
 
         kw = {k: v for k, v in {"url": src.url, "md5": src.md5}.items() if v}
+        if src.verify_counts:
+            kw["counts"] = fetch.VOC_COUNTS
         voc = fetch.fetch_voc(raw, archive=_opt(src.archive, root), extracted=_opt(src.extracted, root), **kw)
         sbd = None
         if src.use_sbd:
             kw = {k: v for k, v in {"url": src.sbd_url, "md5": src.sbd_md5}.items() if v}
+            if src.verify_counts:
+                kw["counts"] = fetch.SBD_COUNTS
             sbd = fetch.fetch_sbd(
                 raw, archive=_opt(src.sbd_archive, root), extracted=_opt(src.sbd_extracted, root), **kw
             )
@@ -62,6 +66,8 @@ def cmd_fetch(params: Params, root: Path, name: str) -> None:
         from pipeline.data import fetch
 
         kw = {"base_url": src.url} if src.url else {}
+        if src.verify_counts:
+            kw["counts"] = fetch.CITYSCAPES_COUNTS
         cs = fetch.fetch_cityscapes(
             raw, extracted=_opt(src.extracted, root), archives=_archives(src.archive, root), **kw
         )
@@ -107,21 +113,38 @@ def cmd_prepare(params: Params, root: Path, name: str) -> None:
 
 
 def cmd_splits(params: Params, root: Path, name: str) -> None:
+    """Every protocol of a dataset into data/splits/<dataset>/<protocol>/ (one atomic swap)."""
+    import shutil
+
     from pipeline.data.splits import make_splits
 
     ds = _dataset(params, name)
-    sp = ds.splits
     prepared = root / params.paths.data / "prepared" / name
-    info = make_splits(
-        prepared / "lists",
-        root / params.paths.data / "splits" / name,
-        sp.protocol,
-        sp.names,
-        source=sp.source,
-        seed=sp.seed,
-        official_root=_opt(sp.official_root, root),
-    )
-    print(f"splits {name}: {info}")
+    out = root / params.paths.data / "splits" / name
+    tmp = out.parent / f".tmp-all-{name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        for protocol, sp in ds.protocols.items():
+            info = make_splits(
+                prepared / "lists",
+                tmp / protocol,
+                protocol,
+                sp.names,
+                source=sp.source,
+                seed=sp.seed,
+                official_root=_opt(sp.official_root, root),
+                root=prepared,
+            )
+            for split, meta in info.get("splits", info).items():
+                print(
+                    f"splits {name}/{protocol}/{split}: {meta['n_labeled']} labeled, "
+                    f"{meta['n_unlabeled']} unlabeled"
+                )
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
 
 
 def cmd_train(params: Params, root: Path, study: str) -> None:

@@ -58,32 +58,45 @@ class SourceCfg:
     sbd_archive: str | None = None
     sbd_extracted: str | None = None
     use_sbd: bool = True
+    verify_counts: bool = True  # insist on the full official release (image counts per list/folder)
+    synthetic: SyntheticCfg | None = None  # kind synthetic: the generator's settings are its source
 
 
 @dataclass(frozen=True)
 class SplitsCfg:
-    protocol: Literal["blended", "classic", "cityscapes", "random"] = "blended"
+    """One split protocol of a dataset; its key in `datasets.<name>.protocols` is the protocol."""
+
     names: list[str] = field(default_factory=lambda: ["1_16", "1_8", "1_4"])
     source: Literal["generate", "official"] = "generate"
-    official_root: str | None = None
+    official_root: str | None = None  # a folder laid out like UniMatch's splits/<dataset>/
     seed: int = 0
+
+
+PROTOCOLS = ("blended", "classic", "cityscapes", "random")
 
 
 @dataclass(frozen=True)
 class DatasetCfg:
     kind: Literal["synthetic", "voc", "cityscapes"]
     num_classes: int
-    splits: SplitsCfg = field(default_factory=SplitsCfg)
-    synthetic: SyntheticCfg | None = None
+    protocols: dict[str, SplitsCfg] = field(default_factory=lambda: {"blended": SplitsCfg()})
     source: SourceCfg = field(default_factory=SourceCfg)
     eval_mode: Literal["whole", "sliding"] = "whole"
 
     def validate(self, key: str) -> None:
         _check(2 <= self.num_classes <= 255, f"{key}.num_classes", "an integer in [2, 255]", self.num_classes)
         if self.kind == "synthetic":
-            _check(self.synthetic is not None, f"{key}.synthetic", "a block (kind is synthetic)", None)
-            self.synthetic.validate(f"{key}.synthetic")  # type: ignore[union-attr]
-        _check(len(self.splits.names) > 0, f"{key}.splits.names", "a non-empty list", self.splits.names)
+            _check(
+                self.source.synthetic is not None,
+                f"{key}.source.synthetic",
+                "a block (kind is synthetic)",
+                None,
+            )
+            self.source.synthetic.validate(f"{key}.source.synthetic")  # type: ignore[union-attr]
+        _check(len(self.protocols) > 0, f"{key}.protocols", "at least one split protocol", self.protocols)
+        for name, sp in self.protocols.items():
+            _check(name in PROTOCOLS, f"{key}.protocols.{name}", f"one of {list(PROTOCOLS)}", name)
+            _check(len(sp.names) > 0, f"{key}.protocols.{name}.names", "a non-empty list", sp.names)
 
 
 @dataclass(frozen=True)
@@ -214,6 +227,7 @@ class OverridesCfg:
 @dataclass(frozen=True)
 class StudyCfg:
     dataset: str
+    protocol: str
     splits: list[str]
     variants: list[str]
     seeds: list[int] = field(default_factory=lambda: [0])
@@ -237,6 +251,9 @@ class SweepCfg:
     num_samples: int = 16  # explore mode: number of trials
     grace_period: int = 1  # explore mode: epochs before ASHA may stop a trial
     reduction_factor: int = 2
+    overrides: OverridesCfg = field(
+        default_factory=OverridesCfg
+    )  # on top of the study's (e.g. a shorter budget)
 
     def validate(self, key: str) -> None:
         for v in self.r:
@@ -434,11 +451,17 @@ def load_params(path: str | Path = "params.yaml") -> Params:
                 f"({', '.join(params.datasets) or 'none defined'}), got {study.dataset!r}"
             )
         ds = params.datasets[study.dataset]
+        if study.protocol not in ds.protocols:
+            raise ConfigError(
+                f"params: `{key}.protocol` must be a protocol of `datasets.{study.dataset}.protocols` "
+                f"({', '.join(ds.protocols)}), got {study.protocol!r}"
+            )
+        built = ds.protocols[study.protocol].names
         for s in study.splits:
-            if s not in ds.splits.names:
+            if s not in built:
                 raise ConfigError(
                     f"params: `{key}.splits` entry {s!r} is not built by "
-                    f"`datasets.{study.dataset}.splits.names` {ds.splits.names}"
+                    f"`datasets.{study.dataset}.protocols.{study.protocol}.names` {built}"
                 )
         for v in study.variants:
             if v not in VARIANTS:
@@ -465,9 +488,10 @@ def load_params(path: str | Path = "params.yaml") -> Params:
                 f"({', '.join(params.studies)}), got {sw.study!r}"
             )
         study = params.studies[sw.study]
-        if sw.split not in params.datasets[study.dataset].splits.names:
+        if sw.split not in params.datasets[study.dataset].protocols[study.protocol].names:
             raise ConfigError(
-                f"params: `{key}.split` {sw.split!r} is not built by `datasets.{study.dataset}.splits.names`"
+                f"params: `{key}.split` {sw.split!r} is not built by "
+                f"`datasets.{study.dataset}.protocols.{study.protocol}.names`"
             )
         if sw.variant not in VARIANTS:
             raise ConfigError(

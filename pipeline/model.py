@@ -155,6 +155,6 @@ def load_backbone_weights(model: DeepLabV3Plus, source: str) -> None:
 
 def build_model(cfg: ModelCfg, num_classes: int) -> DeepLabV3Plus:
     model = DeepLabV3Plus(cfg, num_classes)
-    if cfg.pretrained:
-        load_backbone_weights(model, cfg.pretrained)
+    if cfg.pretrained:  # `{backbone}` in the path/URL picks the file of the study's backbone
+        load_backbone_weights(model, cfg.pretrained.format(backbone=cfg.backbone))
     return model

@@ -80,9 +80,9 @@ def study_specs(params: Params, study_name: str, root: Path) -> list[TrialSpec]:
                             dataset=ds,
                             class_names=class_names(ds.kind, ds.num_classes),
                             root=str(paths.data / "prepared" / study.dataset),
-                            split_dir=str(paths.data / "splits" / study.dataset),
+                            split_dir=str(paths.data / "splits" / study.dataset / study.protocol),
                             split=split,
-                            protocol=ds.splits.protocol,
+                            protocol=study.protocol,
                             variant=variant,
                             seed=seed,
                             model=model,
@@ -218,6 +218,9 @@ def _trainable(config: dict, specs: dict[str, dict], tracking: dict[str, str], r
         tmp.write_text(json.dumps(out, indent=2, sort_keys=True))
         os.replace(tmp, result_file)
         run.finish("FINISHED")
+    except SystemExit:  # Tune stopped the trial (an ASHA decision): not a failure
+        run.finish("KILLED")
+        raise
     except BaseException:
         run.finish("FAILED")
         raise
@@ -287,7 +290,7 @@ def run_cells(
     uri = resolve_tracking_uri(params.paths.mlflow_uri, paths.root)
     exp_id = ensure_experiment(uri, f"dssn/{name}", paths.artifacts)
     spec_dicts = {s.cell: s.to_dict() for s in specs}
-    exp_name = f"{name}-{_hash([spec_dicts, repr(search)])}"
+    exp_name = f"{name}-{_hash([spec_dicts, None if search is None else search['id']])}"
     exp_dir = paths.ray_results / exp_name
     exp_dir.mkdir(parents=True, exist_ok=True)
     commit = git_commit(paths.root)
@@ -329,7 +332,7 @@ def run_cells(
             space = {"cell": tune.grid_search(sorted(spec_dicts))}
             tune_cfg = tune.TuneConfig(max_concurrent_trials=params.ray.max_concurrent)
         else:
-            space = {"cell": tune.grid_search(sorted(spec_dicts)), **search["space"]}
+            space = {"cell": sorted(spec_dicts)[0], **search["space"]}  # searchers take no grid axes
             tune_cfg = tune.TuneConfig(
                 metric=search["metric"],
                 mode=search["mode"],

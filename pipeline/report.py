@@ -3,6 +3,8 @@
 Numbers are always mean ± std over seeds with the seed count, for best and last epoch, student
 and teacher, plus `final/miou_best` (the paper's selection: best epoch of max(student, teacher)),
 and every table states its dataset and protocol; runs of two protocols never share a table.
+Everything reads through an explicit `MlflowClient(tracking_uri)`, so no global MLflow state
+is set or changed by a report.
 """
 
 from __future__ import annotations
@@ -11,227 +13,416 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Callable, Sequence
+from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
 
 from pipeline.config import VARIANTS
-from pipeline.paper_numbers import PAPER
+from pipeline.paper_numbers import NOTES, PAPER, PROTOCOL_DATASET
 
+# MLflow tag -> column of the runs frame
 TAGS = {
     "dssn.study": "study",
     "dssn.dataset": "dataset",
     "dssn.protocol": "protocol",
     "dssn.split": "split",
+    "dssn.n_labeled": "n_labeled",
+    "dssn.n_train": "n_train",
     "dssn.backbone": "backbone",
     "dssn.variant": "variant",
     "dssn.seed": "seed",
     "dssn.cell": "cell",
-    "dssn.n_labeled": "n_labeled",
-    "dssn.n_train": "n_train",
     "ray.trial_id": "trial_id",
+    "git.commit": "git_commit",
+    "dvc.stage": "dvc_stage",
+    "mlflow.parentRunId": "parent_run_id",
 }
+# The study tables, in the order they are written, with what each number means.
 METRICS = {
-    "final/miou_best": "best epoch, max(student, teacher) — the paper's selection",
+    "final/miou_best": "best epoch of max(student, teacher) — the paper's selection",
     "final/miou_student_best": "student, best epoch",
     "final/miou_teacher_best": "teacher, best epoch",
     "final/miou_student_last": "student, last epoch",
     "final/miou_teacher_last": "teacher, last epoch",
 }
+PAPER_METRIC = "final/miou_best"
+PER_CLASS_PREFIX = "final/iou_student_last/"
+# Variants that select pseudo-labels without CPLG, preferred first as dssn's per-class counterpart.
+NO_CPLG = ("t4_contrastive", "f4_fixed096", "f4_fixed092", "unimatch", "t4_plain")
+DASH = "–"
 
 
 class ReportError(RuntimeError):
     """Runs that cannot make a table (missing experiment, mixed protocols, nothing finished)."""
 
 
+# --------------------------------------------------------------------------- loading
+
+
+def _search_all(client: MlflowClient, experiment_id: str, query: str) -> list[Any]:
+    runs: list[Any] = []
+    token = None
+    while True:
+        page = client.search_runs([experiment_id], query, max_results=5000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _dedupe(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Keep the most recent run per key; rows missing a key part are never merged."""
+    has_key = df[keys].notna().all(axis=1)
+    kept = df[has_key].drop_duplicates(keys, keep="last")
+    return pd.concat([kept, df[~has_key]]).sort_values(["end_time", "start_time"], kind="stable")
+
+
+def _to_int(col: pd.Series) -> pd.Series:
+    return pd.to_numeric(col, errors="coerce").astype("Int64")
+
+
 def load_runs(
     tracking_uri: str, experiment_names: Sequence[str], run_ids: set[str] | None = None
 ) -> pd.DataFrame:
-    """FINISHED trial runs as one row each (tags as columns, metrics by name), deduplicated."""
+    """FINISHED trial runs, one row each: tags as short columns, metrics by name, params as `params.<key>`.
+
+    Retried trials are deduplicated (newest wins) by (study, ray trial id) and by (study, cell), so a
+    seed is never counted twice. `run_ids` restricts to exactly the runs behind current results.
+    """
     client = MlflowClient(tracking_uri=tracking_uri)
     rows = []
     for name in experiment_names:
         exp = client.get_experiment_by_name(name)
-        if exp is None:
-            known = ", ".join(e.name for e in client.search_experiments()) or "none"
-            raise ReportError(f"MLflow experiment {name!r} not found at {tracking_uri} (existing: {known})")
-        runs = client.search_runs(
-            [exp.experiment_id], "tags.role = 'trial' and attributes.status = 'FINISHED'", max_results=50_000
-        )
-        for r in runs:
+        if exp is None or exp.lifecycle_stage != "active":
+            known = ", ".join(sorted(e.name for e in client.search_experiments())) or "none"
+            raise ReportError(
+                f"MLflow experiment {name!r} not found at {tracking_uri} (existing experiments: {known})"
+            )
+        query = "tags.role = 'trial' and attributes.status = 'FINISHED'"
+        for r in _search_all(client, exp.experiment_id, query):
             if run_ids is not None and r.info.run_id not in run_ids:
                 continue
-            row = {"run_id": r.info.run_id, "start_time": r.info.start_time}
+            row: dict[str, Any] = {
+                "run_id": r.info.run_id,
+                "experiment": name,
+                "status": r.info.status,
+                "start_time": r.info.start_time,
+                "end_time": r.info.end_time,
+            }
             row.update({col: r.data.tags.get(tag) for tag, col in TAGS.items()})
+            row.update({f"params.{k}": v for k, v in r.data.params.items()})
             row.update(r.data.metrics)
             rows.append(row)
-    df = pd.DataFrame(rows)
-    if df.empty:
-        raise ReportError(f"no finished trial runs in {', '.join(experiment_names)}")
-    df = df.sort_values("start_time").drop_duplicates(["study", "cell"], keep="last")
-    df["n_labeled"] = df["n_labeled"].astype(int)
-    df["n_train"] = df["n_train"].astype(int)
-    df["seed"] = df["seed"].astype(int)
-    df["fraction"] = df["n_labeled"] / df["n_train"]
+    if not rows:
+        raise ReportError(f"no finished trial runs in experiment(s) {', '.join(experiment_names)}")
+    df = pd.DataFrame(rows).sort_values(["end_time", "start_time"], kind="stable")
+    df = _dedupe(df, ["study", "trial_id"])
+    df = _dedupe(df, ["study", "cell"])
+    for col in ("n_labeled", "n_train", "seed"):
+        df[col] = _to_int(df[col])
+    df["fraction"] = (df["n_labeled"] / df["n_train"]).astype(float)
     return df.reset_index(drop=True)
 
 
+# --------------------------------------------------------------------------- ordering and formatting
+
+
+def split_size(split: str) -> float:
+    """'1_16' -> 1/16, '92' -> 92: a numeric key for splits named as fractions or counts."""
+    s = str(split)
+    m = re.fullmatch(r"(\d+)_(\d+)", s)
+    if m:
+        return float(Fraction(int(m[1]), int(m[2])))
+    try:
+        return float(s)
+    except ValueError:
+        return math.inf
+
+
+def _natural(value: Any) -> tuple:
+    """Sort key that puts 'resnet50' before 'resnet101' and variants in their canonical order."""
+    if value in VARIANTS:
+        return (0, list(VARIANTS).index(value), "")
+    parts = re.split(r"(\d+)", str(value))
+    return (1, 0, tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts if p))
+
+
 def format_mean_std(mean: float, std: float, n: int) -> str:
-    if n == 0 or mean is None or (isinstance(mean, float) and math.isnan(mean)):
-        return "–"
-    if n == 1 or std is None or math.isnan(std):
-        return f"{mean:.2f} (n={n})"
-    return f"{mean:.2f} ± {std:.2f} (n={n})"
-
-
-def _variant_order(variants: Sequence[str]) -> list[str]:
-    order = list(VARIANTS)
-    return sorted(variants, key=lambda v: (order.index(v) if v in order else len(order), v))
+    """'63.41 ± 0.52 (n=3)': a number without its spread and seed count hides how much it means."""
+    if not n or mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return DASH
+    if n == 1 or std is None or (isinstance(std, float) and math.isnan(std)):
+        return f"{mean:.2f} (n={int(n)})"
+    return f"{mean:.2f} ± {std:.2f} (n={int(n)})"
 
 
 def summarize(df: pd.DataFrame, rows: Sequence[str], cols: Sequence[str], metric: str) -> pd.DataFrame:
-    """mean, std (ddof=1) and count over seeds; rows ordered by labeled fraction, not by string."""
+    """Mean, std (ddof=1) and count over seeds per (rows, cols), plus the formatted `text`.
+
+    Rows follow the labeled fraction (or size), never string order ('1_4' < '1_8' as strings).
+    """
+    rows, cols = list(rows), list(cols)
     if metric not in df:
         df = df.assign(**{metric: np.nan})
     g = df.groupby([*rows, *cols], dropna=False)[metric].agg(["mean", "std", "count"]).reset_index()
-    key = df.groupby(list(rows))["fraction"].first().rename("_fraction").reset_index()
-    g = g.merge(key, on=list(rows), how="left").sort_values(["_fraction", *cols]).drop(columns="_fraction")
+    if "fraction" in df and df["fraction"].notna().any():
+        order = df.groupby(rows, dropna=False)["fraction"].mean()
+    elif "n_labeled" in df and df["n_labeled"].notna().any():
+        order = df.groupby(rows, dropna=False)["n_labeled"].mean().astype(float)
+    elif "split" in rows:
+        order = df.groupby(rows, dropna=False)["split"].first().map(split_size)
+    else:
+        order = None
+    if order is not None:
+        g = g.merge(order.rename("_order").reset_index(), on=rows, how="left")
+    else:
+        g["_order"] = 0.0
+    keys = [tuple(_natural(v) for v in r) for r in g[[*rows, *cols]].itertuples(index=False)]
+    g["_key"] = keys
+    g = g.sort_values(["_order", "_key"], kind="stable").drop(columns=["_order", "_key"])
+    g["count"] = g["count"].astype(int)
+    g["text"] = [format_mean_std(m, s, n) for m, s, n in zip(g["mean"], g["std"], g["count"], strict=True)]
     return g.reset_index(drop=True)
 
 
+# --------------------------------------------------------------------------- study tables
+
+
 def _check_protocols(df: pd.DataFrame) -> None:
-    for dataset, sub in df.groupby("dataset"):
+    for dataset, sub in df.groupby("dataset", dropna=False):
         protocols = sorted(sub["protocol"].dropna().unique())
         if len(protocols) > 1:
             raise ReportError(
-                f"runs of dataset {dataset!r} mix protocols {protocols}: a table must hold one "
-                "protocol (report each study separately)"
+                f"runs of dataset {dataset!r} mix protocols {protocols}: a table holds one protocol "
+                "(report each study or protocol separately)"
             )
 
 
+def _row_labels(df: pd.DataFrame) -> pd.Series:
+    label = df["split"].astype(str) + " (" + df["n_labeled"].astype(str) + ")"
+    if df["dataset"].nunique() > 1:
+        label = df["dataset"].astype(str) + "/" + df["protocol"].astype(str) + " " + label
+    return label
+
+
+def _col_labels(df: pd.DataFrame) -> pd.Series:
+    if df["backbone"].nunique() > 1:
+        return df["backbone"].astype(str) + " / " + df["variant"].astype(str)
+    return df["variant"].astype(str)
+
+
 def study_tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """One table per metric: rows = split (with #labeled), columns = [backbone /] variant."""
+    """One table per metric in METRICS: rows = split (labeled count), columns = [backbone /] variant.
+
+    Each table's `attrs` carries dataset, protocol and metric, since a number without its protocol
+    cannot be compared with the paper.
+    """
     _check_protocols(df)
-    multi_bb = df["backbone"].nunique() > 1
+    d = df.assign(_row=_row_labels(df), _col=_col_labels(df), _bb=df["backbone"], _v=df["variant"])
+    col_order = [
+        c
+        for _, c in sorted(
+            {
+                (_natural(b), _natural(v)): c for b, v, c in zip(d["_bb"], d["_v"], d["_col"], strict=True)
+            }.items()
+        )
+    ]
     tables = {}
-    for metric in METRICS:
-        s = summarize(df, ["split"], ["backbone", "variant"], metric)
-        s["cell"] = s.apply(lambda r: format_mean_std(r["mean"], r["std"], int(r["count"])), axis=1)
-        s["column"] = (s["backbone"] + " / " + s["variant"]) if multi_bb else s["variant"]
-        splits = list(dict.fromkeys(s["split"]))
-        labels = df.groupby("split")["n_labeled"].first()
-        table = s.pivot(index="split", columns="column", values="cell").reindex(splits)
-        cols = [
-            f"{b} / {v}" if multi_bb else v
-            for b in sorted(df["backbone"].unique())
-            for v in _variant_order(df["variant"].unique())
-        ]
-        table = table.reindex(columns=[c for c in cols if c in table.columns]).fillna("–")
-        table.index = [f"{sp} ({labels[sp]})" for sp in table.index]
+    for metric, meaning in METRICS.items():
+        s = summarize(d, ["_row"], ["_col"], metric)
+        row_order = list(dict.fromkeys(s["_row"]))
+        table = s.pivot(index="_row", columns="_col", values="text").reindex(
+            index=row_order, columns=col_order
+        )
+        table = table.fillna(DASH)
         table.index.name = "split (labeled)"
+        table.columns.name = None
+        table.attrs = {
+            "dataset": ", ".join(sorted(df["dataset"].dropna().unique())),
+            "protocol": ", ".join(sorted(df["protocol"].dropna().unique())),
+            "metric": metric,
+            "meaning": meaning,
+        }
         tables[metric] = table
     return tables
 
 
+# --------------------------------------------------------------------------- paper comparison
+
+
 def paper_comparison(df: pd.DataFrame, table_id: str) -> pd.DataFrame:
-    """Our mean ± std next to the paper's number for every cell of a paper table, and ours − paper."""
+    """Our mean ± std of the paper's selection next to each cell of a paper table, and ours − paper.
+
+    Cells match on (protocol, split, backbone, variant) within the paper's dataset for that protocol.
+    """
     if table_id not in PAPER:
         raise ReportError(f"unknown paper table {table_id!r} (known: {', '.join(PAPER)})")
-    rows = []
-    for (protocol, split, backbone, variant), paper in PAPER[table_id].items():
+    keys = sorted(PAPER[table_id], key=lambda k: (_natural(k[2]), split_size(k[1]), _natural(k[3])))
+    out = []
+    for protocol, split, backbone, variant in keys:
+        paper = PAPER[table_id][(protocol, split, backbone, variant)]
         sub = df[
-            (df["protocol"] == protocol)
+            (df["dataset"] == PROTOCOL_DATASET.get(protocol, protocol))
+            & (df["protocol"] == protocol)
             & (df["split"] == split)
             & (df["backbone"] == backbone)
             & (df["variant"] == variant)
         ]
-        vals = sub["final/miou_best"].dropna() if "final/miou_best" in sub else pd.Series(dtype=float)
-        mean = float(vals.mean()) if len(vals) else float("nan")
-        std = float(vals.std()) if len(vals) > 1 else float("nan")
-        rows.append(
+        vals = sub[PAPER_METRIC].dropna() if PAPER_METRIC in sub else pd.Series(dtype=float)
+        n = len(vals)
+        mean = float(vals.mean()) if n else math.nan
+        std = float(vals.std(ddof=1)) if n > 1 else math.nan
+        diff = mean - paper if paper is not None and n else math.nan
+        out.append(
             {
                 "protocol": protocol,
                 "split": split,
                 "backbone": backbone,
                 "variant": variant,
-                "paper": "–" if paper is None else f"{paper:.2f}",
-                "ours": format_mean_std(mean, std, len(vals)),
-                "ours − paper": "–" if paper is None or not len(vals) else f"{mean - paper:+.2f}",
+                "paper": DASH if paper is None else f"{paper:.2f}",
+                "ours": format_mean_std(mean, std, n),
+                "ours − paper": DASH if math.isnan(diff) else f"{diff:+.2f}",
+                "paper_miou": math.nan if paper is None else paper,
+                "ours_mean": mean,
+                "ours_std": std,
+                "n": n,
+                "diff": diff,
             }
         )
-    return pd.DataFrame(rows)
+    return pd.DataFrame(out)
 
 
-def _atomic(path: Path, write) -> Path:
+# --------------------------------------------------------------------------- writing
+
+
+def _atomic(path: Path, write: Callable[[Path], Any]) -> Path:
+    """Write through a temp file in the same folder: DVC never sees a half-written output."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    write(tmp)
-    os.replace(tmp, path)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
+def _span(values: pd.Series) -> str:
+    v = pd.to_numeric(values, errors="coerce").dropna()
+    if v.empty:
+        return "?"
+    lo, hi = int(v.min()), int(v.max())
+    return str(lo) if lo == hi else f"{lo}–{hi}"
+
+
 def _header(df: pd.DataFrame, study: str) -> list[str]:
-    seeds = sorted(df["seed"].unique())
-    budget = ""
-    if "final/epochs" in df and "final/steps" in df:
-        budget = f"; budget: {int(df['final/epochs'].max())} epochs, {int(df['final/steps'].max())} steps per trial"
+    def names(col: str) -> str:
+        return ", ".join(sorted((str(x) for x in df[col].dropna().unique()), key=_natural)) or "?"
+
+    seeds = ", ".join(str(s) for s in sorted(df["seed"].dropna().unique())) or "?"
+    epochs = _span(df["final/epochs"]) if "final/epochs" in df else "?"
+    steps = _span(df["final/steps"]) if "final/steps" in df else "?"
     return [
         f"# Study `{study}`",
         "",
-        f"Dataset **{', '.join(sorted(df['dataset'].unique()))}**, protocol **"
-        f"{', '.join(sorted(df['protocol'].unique()))}**, backbone {', '.join(sorted(df['backbone'].unique()))}, "
-        f"seeds {', '.join(map(str, seeds))}{budget}. mIoU in %, mean ± std over seeds (n = seeds).",
+        f"- dataset: **{names('dataset')}**, protocol: **{names('protocol')}**",
+        f"- backbone(s): {names('backbone')}; variants: {names('variant')}",
+        f"- seeds: {seeds} ({len(df)} finished trial runs)",
+        f"- budget per trial: {epochs} epochs, {steps} steps",
+        "",
+        "mIoU in %, mean ± std (ddof=1) over seeds, n = seeds; – = no run or no such metric.",
         "",
     ]
 
 
+def _metric_key(df: pd.DataFrame, r: dict[str, Any]) -> str:
+    """`<split>/<variant>/miou_best`, qualified by dataset or backbone only when a study holds several."""
+    parts = [r["dataset"]] if df["dataset"].nunique() > 1 else []
+    parts.append(r["split"])
+    if df["backbone"].nunique() > 1:
+        parts.append(r["backbone"])
+    parts += [r["variant"], "miou_best"]
+    return "/".join(str(p) for p in parts)
+
+
 def write_report(df: pd.DataFrame, out_dir: Path, study: str, paper_table: str | None = None) -> list[Path]:
-    """results/tables/<study>.{md,csv}, results/plots/<study>_*.png, results/metrics/<study>.json."""
+    """tables/<study>.{md,csv}, plots/<study>_*.png, metrics/<study>.json (+ tables/<study>_vs_paper.*)."""
     out_dir = Path(out_dir)
     tables = study_tables(df)
     lines = _header(df, study)
     for metric, table in tables.items():
-        lines += [f"## {METRICS[metric]} (`{metric}`)", "", table.to_markdown(), ""]
-    written = [_atomic(out_dir / "tables" / f"{study}.md", lambda p: p.write_text("\n".join(lines)))]
+        lines += [f"## {METRICS[metric]} (`{metric}`)", "", table.to_markdown(disable_numparse=True), ""]
+    text = "\n".join(lines)
+    written = [_atomic(out_dir / "tables" / f"{study}.md", lambda p: p.write_text(text, encoding="utf-8"))]
+
     long = pd.concat(
-        [summarize(df, ["split", "n_labeled"], ["backbone", "variant"], m).assign(metric=m) for m in METRICS]
+        [
+            summarize(df, ["dataset", "protocol", "split", "n_labeled"], ["backbone", "variant"], m).assign(
+                metric=m
+            )
+            for m in METRICS
+        ],
+        ignore_index=True,
     )
-    long.insert(0, "protocol", df["protocol"].iloc[0])
-    long.insert(0, "dataset", df["dataset"].iloc[0])
+    long.insert(0, "study", study)
     written.append(_atomic(out_dir / "tables" / f"{study}.csv", lambda p: long.to_csv(p, index=False)))
+
     if paper_table:
         cmp = paper_comparison(df, paper_table)
-        text = "\n".join(
-            [
-                *_header(df, study),
-                f"## Ours vs the paper's {paper_table}",
-                "",
-                cmp.to_markdown(index=False),
-                "",
-            ]
+        shown = cmp[["protocol", "split", "backbone", "variant", "paper", "ours", "ours − paper"]]
+        notes = [f"- {n}" for n in NOTES.get(paper_table, [])]
+        body = [
+            *_header(df, study),
+            f"## Ours vs the paper's {paper_table} (`{PAPER_METRIC}`)",
+            "",
+            shown.to_markdown(index=False, disable_numparse=True),
+            "",
+            *(["Notes:", "", *notes, ""] if notes else []),
+        ]
+        cmp_text = "\n".join(body)
+        written.append(
+            _atomic(
+                out_dir / "tables" / f"{study}_vs_paper.md",
+                lambda p: p.write_text(cmp_text, encoding="utf-8"),
+            )
         )
-        written.append(_atomic(out_dir / "tables" / f"{study}_vs_paper.md", lambda p: p.write_text(text)))
         written.append(
             _atomic(out_dir / "tables" / f"{study}_vs_paper.csv", lambda p: cmp.to_csv(p, index=False))
         )
+
     written += _plots(df, out_dir / "plots", study)
-    best = summarize(df, ["split"], ["backbone", "variant"], "final/miou_best")
+
+    best = summarize(df, ["dataset", "split"], ["backbone", "variant"], PAPER_METRIC)
     metrics = {
-        f"{r.split}/{r.backbone}/{r.variant}/miou_best": round(float(r.mean), 4)
-        for r in best.itertuples()
-        if not math.isnan(r.mean)
+        _metric_key(df, r): round(float(r["mean"]), 4)
+        for r in best.to_dict("records")
+        if not math.isnan(r["mean"])
     }
+    payload = json.dumps(metrics, indent=2, sort_keys=True) + "\n"
     written.append(
-        _atomic(
-            out_dir / "metrics" / f"{study}.json",
-            lambda p: p.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n"),
-        )
+        _atomic(out_dir / "metrics" / f"{study}.json", lambda p: p.write_text(payload, encoding="utf-8"))
     )
     return written
+
+
+def _per_class_variants(df: pd.DataFrame) -> list[str]:
+    """dssn against one variant without CPLG when both exist (Fig. 5's point), else every variant."""
+    present = set(df["variant"].dropna())
+    if "dssn" in present:
+        for v in NO_CPLG:
+            if v in present:
+                return ["dssn", v]
+    return sorted(present, key=_natural)
 
 
 def _plots(df: pd.DataFrame, plot_dir: Path, study: str) -> list[Path]:
@@ -239,61 +430,97 @@ def _plots(df: pd.DataFrame, plot_dir: Path, study: str) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     out = []
-    s = summarize(df, ["split", "n_labeled"], ["backbone", "variant"], "final/miou_best")
+    multi_bb = df["backbone"].nunique() > 1
+    s = summarize(df, ["split"], ["backbone", "variant"], PAPER_METRIC)
+    n_lab = df.groupby("split")["n_labeled"].first().astype(float)
+    s["x"] = s["split"].map(n_lab)
     fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
-    for (bb, variant), g in s.groupby(["backbone", "variant"]):
+    for (bb, variant), g in s.dropna(subset=["mean"]).groupby(["backbone", "variant"], sort=False):
+        g = g.sort_values("x")
         ax.errorbar(
-            g["n_labeled"],
+            g["x"],
             g["mean"],
-            yerr=g["std"].fillna(0),
+            yerr=g["std"].fillna(0.0),
             marker="o",
             capsize=3,
-            label=f"{variant} ({bb})" if s["backbone"].nunique() > 1 else variant,
+            label=f"{variant} ({bb})" if multi_bb else variant,
         )
     ax.set_xscale("log")
+    ticks = s.drop_duplicates("split").dropna(subset=["x"]).sort_values("x")
+    ax.set_xticks(
+        ticks["x"].tolist(), [f"{n:.0f}\n{sp}" for n, sp in zip(ticks["x"], ticks["split"], strict=True)]
+    )
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("labeled images")
-    ax.set_ylabel("mIoU (%), best epoch")
-    ax.set_title(f"{study}: {df['dataset'].iloc[0]} ({df['protocol'].iloc[0]})")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.set_ylabel("mIoU (%), best epoch of max(student, teacher)")
+    datasets = ", ".join(sorted(df["dataset"].dropna().unique()))
+    protocols = ", ".join(sorted(df["protocol"].dropna().unique()))
+    ax.set_title(f"{study}: {datasets} ({protocols}), mean ± std over seeds", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     fig.tight_layout()
-    out.append(_atomic(plot_dir / f"{study}_miou_vs_labels.png", lambda p: fig.savefig(p)))
+    out.append(_atomic(plot_dir / f"{study}_miou_vs_labels.png", lambda p: fig.savefig(p, format="png")))
     plt.close(fig)
 
-    per_class = [c for c in df.columns if str(c).startswith("final/iou_student_last/")]
-    if per_class:
-        smallest = df.loc[df["fraction"].idxmin(), "split"]
-        sub = df[df["split"] == smallest]
-        means = sub.groupby("variant")[per_class].mean()
-        means = means.reindex(_variant_order(means.index))
-        names = [c.split("/", 2)[2] for c in per_class]
-        fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(names) + 2), 4), dpi=110)
-        width = 0.8 / max(len(means), 1)
-        for i, (variant, row) in enumerate(means.iterrows()):
-            ax.bar(np.arange(len(names)) + i * width, row.values, width, label=variant)
-        ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names, rotation=45, ha="right", fontsize=8)
-        ax.set_ylabel("IoU (%), student, last epoch")
-        ax.set_title(f"{study}: per-class IoU at {smallest}")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        out.append(_atomic(plot_dir / f"{study}_per_class.png", lambda p: fig.savefig(p)))
-        plt.close(fig)
+    per_class = [c for c in df.columns if str(c).startswith(PER_CLASS_PREFIX)]
+    if not per_class:
+        return out
+    variants = _per_class_variants(df)
+    sub = df[df["variant"].isin(variants)]
+    # the smallest split on which all chosen variants ran: where long-tailed classes suffer most
+    full = sub.groupby("split")["variant"].nunique()
+    candidates = [sp for sp in full.index if full[sp] == len(variants)] or list(full.index)
+    split = min(candidates, key=lambda sp: float(sub.loc[sub["split"] == sp, "fraction"].mean()))
+    sub = sub[sub["split"] == split]
+    means = sub.groupby("variant")[per_class].mean().reindex(variants).dropna(how="all")
+    stds = sub.groupby("variant")[per_class].std(ddof=1).reindex(means.index)
+    names = [c.removeprefix(PER_CLASS_PREFIX) for c in per_class]
+    x = np.arange(len(names))
+    width = 0.8 / max(len(means), 1)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(names) + 2), 4), dpi=110)
+    for i, variant in enumerate(means.index):
+        ax.bar(
+            x + (i - (len(means) - 1) / 2) * width,
+            means.loc[variant].to_numpy(dtype=float),
+            width,
+            yerr=stds.loc[variant].fillna(0.0).to_numpy(dtype=float),
+            capsize=2,
+            label=variant,
+        )
+    ax.set_xticks(x, names, rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("IoU (%), student, last epoch")
+    ax.set_title(f"{study}: per-class IoU, split {split} ({datasets}, {protocols})", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out.append(_atomic(plot_dir / f"{study}_per_class.png", lambda p: fig.savefig(p, format="png")))
+    plt.close(fig)
     return out
 
 
+# --------------------------------------------------------------------------- CLI
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Turn MLflow study runs into tables and plots.")
-    p.add_argument("--tracking-uri", required=True)
-    p.add_argument("--study", action="append", required=True)
-    p.add_argument("--out", default="results")
-    p.add_argument("--paper-table")
+    """`python -m pipeline.report --tracking-uri … --study demo [--study …] --out results`."""
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline.report", description="Turn MLflow study runs into tables and plots."
+    )
+    p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"))
+    p.add_argument("--study", action="append", required=True, help="study name (experiment dssn/<study>)")
+    p.add_argument("--out", default="results", type=Path)
+    p.add_argument("--paper-table", choices=sorted(PAPER), help="also compare with this paper table")
     args = p.parse_args(argv)
+    if not args.tracking_uri:
+        p.error("--tracking-uri is required (or set MLFLOW_TRACKING_URI)")
     try:
         for study in args.study:
+            study = study.removeprefix("dssn/")
             df = load_runs(args.tracking_uri, [f"dssn/{study}"])
-            for path in write_report(df, Path(args.out), study, args.paper_table):
+            for path in write_report(df, args.out, study, args.paper_table):
                 print(path)
     except ReportError as e:
         print(f"error: {e}", file=sys.stderr)

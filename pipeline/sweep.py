@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.config import Params, SweepCfg, merge, method_for_variant
+from pipeline.config import Params, SweepCfg, merge, method_for_variant, to_dict
 from pipeline.orchestrate import run_cells, study_paths, study_specs
 from pipeline.train import TrialSpec
 
@@ -29,7 +29,14 @@ def sweep_specs(params: Params, name: str, root: Path) -> list[TrialSpec]:
     base = merge(
         params.method, params.studies[sw.study].overrides.method, f"studies.{sw.study}.overrides.method"
     )
-    method = method_for_variant(base, sw.variant)
+    method = method_for_variant(
+        merge(base, sw.overrides.method, f"sweeps.{name}.overrides.method"), sw.variant
+    )
+    template = dataclasses.replace(
+        template,
+        model=merge(template.model, sw.overrides.model, f"sweeps.{name}.overrides.model"),
+        train=merge(template.train, sw.overrides.train, f"sweeps.{name}.overrides.train"),
+    )
     out = []
     for seed in sw.seeds:
         s = dataclasses.replace(
@@ -71,7 +78,8 @@ def _search(sw: SweepCfg, epochs: int) -> dict[str, Any]:
         search_alg = ConcurrencyLimiter(OptunaSearch(seed=0), max_concurrent=4)
     scheduler = ASHAScheduler(
         time_attr="training_iteration",
-        max_t=epochs,
+        max_t=epochs
+        + 1,  # survivors end on their own (and log their results) instead of being stopped at max_t
         grace_period=sw.grace_period,
         reduction_factor=sw.reduction_factor,
     )
@@ -82,6 +90,7 @@ def _search(sw: SweepCfg, epochs: int) -> dict[str, Any]:
         "search_alg": search_alg,
         "metric": METRIC,
         "mode": "max",
+        "id": to_dict(sw),  # a stable key for the Ray experiment's name (schedulers have no stable repr)
     }
 
 

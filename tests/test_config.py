@@ -48,6 +48,16 @@ def test_repo_params_load():
             "missing",
         ),
         (lambda r: r["studies"]["demo"].update(splits=["1_3"]), "studies.demo.splits", "not built"),
+        (
+            lambda r: r["studies"]["demo"].update(protocol="classic"),
+            "studies.demo.protocol",
+            "must be a protocol",
+        ),
+        (
+            lambda r: r["datasets"]["synthetic"]["protocols"].update(u2pl={"names": ["1_8"]}),
+            "datasets.synthetic.protocols.u2pl",
+            "one of",
+        ),
     ],
 )
 def test_bad_params_name_the_key(tmp_path, mutate, key, expected):

@@ -2,24 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 from mlflow import MlflowClient
 
 from tests.conftest import REPO
 
-pytestmark = pytest.mark.slow
-
 
 def tiny_params(raw: dict) -> dict:
-    raw["datasets"]["synthetic"]["synthetic"].update(n_train=96, n_val=12, size=32)
-    raw["datasets"]["synthetic"]["splits"]["names"] = ["1_8", "1_4"]
+    raw["datasets"]["synthetic"]["source"]["synthetic"].update(n_train=96, n_val=12, size=32)
+    raw["datasets"]["synthetic"]["protocols"]["blended"]["names"] = ["1_8", "1_4"]
     raw["ray"].update(num_cpus=2, cpus_per_trial=0.5)
     demo = raw["studies"]["demo"]
     demo.update(splits=["1_8", "1_4"], variants=["supervised", "dssn"], seeds=[0])
@@ -27,6 +27,37 @@ def tiny_params(raw: dict) -> dict:
         epochs=2, iters_per_epoch=2, batch_l=2, batch_u=2, crop=32, eval_batch=12, log_images=2
     )
     demo["overrides"]["model"].update(aspp_channels=16, skip_channels=8, decoder_channels=16)
+    return raw
+
+
+def with_ablation_and_sweep(raw: dict) -> dict:
+    """Add a Table-4-style ablation study and an ASHA/Optuna exploration sweep, both tiny."""
+    demo = raw["studies"]["demo"]
+    raw["studies"]["ablation"] = {
+        "dataset": "synthetic",
+        "protocol": "blended",
+        "splits": ["1_4"],
+        "variants": ["t4_plain", "t4_cplg"],
+        "seeds": [0],
+        "overrides": demo["overrides"],
+    }
+    raw["sweeps"] = {
+        "explore": {
+            "study": "demo",
+            "split": "1_4",
+            "variant": "dssn",
+            "seeds": [0],
+            "r": [0.5, 0.99],
+            "tau_low": [0.3, 0.95],
+            "mode": "explore",
+            "search": "optuna",
+            "num_samples": 6,
+            "grace_period": 1,
+            "reduction_factor": 2,
+            # long enough that trials differ, so ASHA has something to cut
+            "overrides": {"train": {"epochs": 3, "iters_per_epoch": 6, "lr": 0.01}},
+        }
+    }
     return raw
 
 
@@ -65,9 +96,10 @@ def dvc(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_dvc_repro_end_to_end(tmp_path):
     work = copy_repo(tmp_path / "repo")
-    params = tiny_params(yaml.safe_load((work / "params.yaml").read_text()))
+    params = with_ablation_and_sweep(tiny_params(yaml.safe_load((work / "params.yaml").read_text())))
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     out = dvc(["repro"], work)
@@ -99,6 +131,23 @@ def test_dvc_repro_end_to_end(tmp_path):
     dssn = [r for r in trials if r.data.tags["dssn.variant"] == "dssn"]
     assert all("val/miou_teacher" in r.data.metrics and "train/mask_ratio" in r.data.metrics for r in dssn)
 
+    # The ablation study is a table of its own; the exploration sweep stopped some trials early.
+    ablation = (work / "results/tables/ablation.md").read_text()
+    assert "t4_plain" in ablation and "t4_cplg" in ablation
+    trials = pd.read_csv(work / "results/sweeps/explore/trials.csv")
+    assert len(trials) == 6 and trials["stopped_early"].any() and not trials["stopped_early"].all()
+    assert trials["r"].between(0.5, 0.99).all() and trials["tau_low"].between(0.3, 0.95).all()
+    best = json.loads((work / "results/sweeps/explore/best.json").read_text())
+    assert 0.5 <= best["r"] <= 0.99 and best["mode"] == "explore"
+    assert (work / "results/sweeps/explore/heatmap.png").exists()
+    sweep_exp = client.get_experiment_by_name("dssn/sweep-explore")
+    statuses = [
+        r.info.status
+        for r in client.search_runs([sweep_exp.experiment_id])
+        if r.data.tags.get("role") == "trial"
+    ]
+    assert "RUNNING" not in statuses and "KILLED" in statuses
+
     # Nothing changed -> nothing to reproduce, nothing retrained.
     again = dvc(["repro"], work)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -106,3 +155,34 @@ def test_dvc_repro_end_to_end(tmp_path):
     status = dvc(["status"], work)
     assert "up to date" in status.stdout
     assert len(client.search_runs([exp.experiment_id])) == 5
+    assert len(client.search_runs([sweep_exp.experiment_id])) == 7
+
+
+def test_paper_params_one_train_stage_per_table_in_order(tmp_path):
+    """configs/paper.yaml as the params: one train stage per paper artefact, stages in DAG order."""
+    from pipeline.config import load_params
+
+    params = load_params(REPO / "configs" / "paper.yaml")
+    assert set(params.studies) == {"table1", "table2", "table3", "table4", "table5", "fig3", "fig4"}
+    work = copy_repo(tmp_path / "repo")
+    shutil.copy(work / "configs" / "paper.yaml", work / "params.yaml")
+    (work / "dvc.lock").unlink(missing_ok=True)
+    stages = dvc(["stage", "list"], work)
+    assert stages.returncode == 0, stages.stderr
+    names = [line.split()[0] for line in stages.stdout.splitlines() if line.strip()]
+    assert [n for n in names if n.startswith("train@")] == [f"train@{s}" for s in params.studies]
+    # --force: on a fresh checkout DVC 3.67 cannot dry-run past a not-yet-produced output otherwise
+    dry = dvc(["repro", "--dry", "--force"], work)
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    order = [line.split("'")[1] for line in dry.stdout.splitlines() if line.startswith("Running stage")]
+    assert set(order) == set(names)
+    for a, b in [
+        ("fetch@voc", "prepare@voc"),
+        ("prepare@voc", "splits@voc"),
+        ("splits@voc", "train@table1"),
+        ("splits@cityscapes", "train@table3"),
+        ("train@fig4", "report"),
+        ("splits@voc", "sweep@r_tau"),
+    ]:
+        assert order.index(a) < order.index(b), (a, b, order)
+    assert not (work / "data").exists()  # a dry run touches nothing

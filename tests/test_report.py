@@ -1,126 +1,263 @@
-"""The report turns a prepared MLflow database into exactly the expected tables."""
+"""The report turns a real MLflow sqlite DB into exactly the hand-computed tables, files and metrics."""
 
 from __future__ import annotations
 
 import json
 
+import mlflow
+import pandas as pd
 import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from pipeline.report import ReportError, load_runs, paper_comparison, study_tables, summarize, write_report
+from pipeline.report import (
+    ReportError,
+    format_mean_std,
+    load_runs,
+    main,
+    paper_comparison,
+    study_tables,
+    summarize,
+    write_report,
+)
 
-# (split, n_labeled, variant, seed) -> final/miou_best ; teacher/student derived from it below
-CELLS = {
-    ("1_8", 1323, "supervised", 0): 70.0,
-    ("1_8", 1323, "supervised", 1): 72.0,
-    ("1_8", 1323, "supervised", 2): 71.0,
-    ("1_8", 1323, "dssn", 0): 79.0,
-    ("1_8", 1323, "dssn", 1): 80.0,
-    ("1_8", 1323, "dssn", 2): 81.0,
-    ("1_16", 662, "supervised", 0): 65.0,
-    ("1_16", 662, "dssn", 0): 78.0,
+N_TRAIN = 10582
+N_LABELED = {"1_4": 2646, "1_8": 1323}
+# (split, variant, seed) -> final/miou_best. Hand-computed summaries (ddof=1):
+#   1_4 supervised 74, 75, 76      -> 75.00 ± 1.00     1_8 supervised 70, 71, 72 -> 71.00 ± 1.00
+#   1_4 dssn       81, 82, 83.5    -> 82.17 ± 1.26     1_8 dssn       78, 80, 82 -> 80.00 ± 2.00
+#     (mean 82.1667; squared deviations 1.3611 + 0.0278 + 1.7778 = 3.1667; /2 = 1.5833; sqrt = 1.2583)
+#   1_8 unimatch   78 (one seed)   -> 78.00 (n=1)
+# The 1_4 runs are logged first: "1_4" < "1_8" as strings, but 1/8 < 1/4 labeled.
+BEST = {
+    ("1_4", "supervised", 0): 74.0,
+    ("1_4", "supervised", 1): 75.0,
+    ("1_4", "supervised", 2): 76.0,
+    ("1_4", "dssn", 0): 81.0,
+    ("1_4", "dssn", 1): 82.0,
+    ("1_4", "dssn", 2): 83.5,
+    ("1_8", "supervised", 0): 70.0,
+    ("1_8", "supervised", 1): 71.0,
+    ("1_8", "supervised", 2): 72.0,
+    ("1_8", "dssn", 0): 78.0,
+    ("1_8", "dssn", 1): 80.0,
+    ("1_8", "dssn", 2): 82.0,
+    ("1_8", "unimatch", 0): 78.0,
 }
+T0 = 1_700_000_000_000  # ms; explicit times make "most recent" deterministic
+
+
+def _metrics(variant: str, best: float, seed: int) -> dict[str, float]:
+    """Student trails the teacher by 0.5 at its best; last epochs are 2 (student) / 1.5 (teacher) lower."""
+    m = {
+        "final/miou_best": best,
+        "final/miou_student_best": best if variant != "dssn" else best - 0.5,
+        "final/miou_student_last": best - 2.0,
+        "final/epochs": 2.0,
+        "final/steps": 20.0,
+        "final/iou_student_last/background": 90.0 + seed,
+        "final/iou_student_last/aeroplane": best - 10.0,
+    }
+    if variant == "dssn":  # supervised and unimatch have no teacher
+        m["final/miou_teacher_best"] = best
+        m["final/miou_teacher_last"] = best - 1.5
+    return m
+
+
+class _Logger:
+    def __init__(self, uri: str):
+        self.c = MlflowClient(tracking_uri=uri)
+        self.t = T0
+
+    def experiment(self, study: str) -> tuple[str, str]:
+        exp = self.c.create_experiment(f"dssn/{study}")
+        parent = self.run(exp, {"role": "parent", "dssn.study": study}, {"final/miou_best": 99.0})
+        return exp, parent
+
+    def run(self, exp: str, tags: dict[str, str], metrics: dict[str, float], status: str = "FINISHED") -> str:
+        self.t += 1000
+        run_id = self.c.create_run(exp, start_time=self.t, tags=tags).info.run_id
+        for k, v in metrics.items():
+            self.c.log_metric(run_id, k, v, timestamp=self.t, step=0)
+        self.c.log_param(run_id, "method.r", "0.96")
+        if status != "RUNNING":
+            self.c.set_terminated(run_id, status, end_time=self.t + 500)
+        return run_id
+
+    def trial(
+        self, exp: str, parent: str, study: str, split: str, variant: str, seed: int, best: float, **kw
+    ):
+        tags = {
+            "role": "trial",
+            "mlflow.parentRunId": parent,
+            "dssn.study": study,
+            "dssn.dataset": kw.pop("dataset", "voc"),
+            "dssn.protocol": kw.pop("protocol", "blended"),
+            "dssn.split": split,
+            "dssn.n_labeled": str(kw.pop("n_labeled", N_LABELED.get(split))),
+            "dssn.n_train": str(N_TRAIN),
+            "dssn.backbone": "resnet101",
+            "dssn.variant": variant,
+            "dssn.seed": str(seed),
+            "dssn.cell": kw.pop("cell", f"{split}-resnet101-{variant}-s{seed}"),
+            "ray.trial_id": kw.pop("trial_id", f"tr-{split}-{variant}-{seed}"),
+            "git.commit": "abc123",
+            "dvc.stage": f"train@{study}",
+        }
+        tags = {k: v for k, v in tags.items() if v is not None}
+        return self.run(exp, tags, _metrics(variant, best, seed), kw.pop("status", "FINISHED"))
 
 
 @pytest.fixture(scope="module")
 def db(tmp_path_factory):
+    """One sqlite DB per module (each creation runs the migrations, ~2 s)."""
     root = tmp_path_factory.mktemp("mlflow")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    c = MlflowClient(tracking_uri=uri)
-    exp = c.create_experiment("dssn/t2", artifact_location=(root / "art").as_uri())
-    parent = c.create_run(exp, tags={"role": "parent"}).info.run_id
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+        for var in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID", "MLFLOW_TRACKING_URI"):
+            mp.delenv(var, raising=False)
+        log = _Logger(uri)
+        exp, parent = log.experiment("t2")
+        # an older retry of 1_4/supervised/s0 under another trial id (a rerun of the study): same cell
+        log.trial(exp, parent, "t2", "1_4", "supervised", 0, 0.0, trial_id="old-trial")
+        # an older attempt of 1_8/dssn/s2 with the same trial id and no cell tag
+        log.trial(exp, parent, "t2", "1_8", "dssn", 2, 10.0, cell=None)
+        for (split, variant, seed), best in BEST.items():
+            log.trial(exp, parent, "t2", split, variant, seed, best)
+        # newest of all, but not FINISHED: ignored
+        log.trial(exp, parent, "t2", "1_8", "dssn", 1, 99.0, status="FAILED", trial_id="failed")
+        log.trial(exp, parent, "t2", "1_4", "dssn", 0, 99.0, status="RUNNING", trial_id="running")
+        log.c.set_terminated(parent, "FINISHED")
 
-    def trial(split, n, variant, seed, best, status="FINISHED", protocol="blended", cell=None):
-        tags = {
-            "role": "trial",
-            "mlflow.parentRunId": parent,
-            "dssn.study": "t2",
-            "dssn.dataset": "voc",
-            "dssn.protocol": protocol,
-            "dssn.split": split,
-            "dssn.backbone": "resnet101",
-            "dssn.variant": variant,
-            "dssn.seed": str(seed),
-            "dssn.n_labeled": str(n),
-            "dssn.n_train": "10582",
-            "dssn.cell": cell or f"{split}-resnet101-{variant}-s{seed}",
-            "ray.trial_id": f"t{seed}",
-        }
-        r = c.create_run(exp, tags=tags).info.run_id
-        c.log_metric(r, "final/miou_best", best)
-        c.log_metric(r, "final/miou_student_best", best - 1)
-        c.log_metric(r, "final/miou_student_last", best - 2)
-        if variant != "supervised":
-            c.log_metric(r, "final/miou_teacher_best", best)
-        c.log_metric(r, "final/iou_student_last/background", 90.0)
-        c.log_metric(r, "final/iou_student_last/cat", best - 10)
-        c.set_terminated(r, status)
-        return r
+        exp_m, parent_m = log.experiment("mixed")
+        log.trial(exp_m, parent_m, "mixed", "1_8", "dssn", 0, 75.0)
+        log.trial(exp_m, parent_m, "mixed", "92", "dssn", 0, 70.0, protocol="classic", n_labeled=92)
 
-    for (split, n, variant, seed), best in CELLS.items():
-        trial(split, n, variant, seed, best)
-    trial("1_8", 1323, "dssn", 2, 50.0, status="FAILED", cell="1_8-resnet101-dssn-s2")  # ignored: failed
-    trial("1_16", 662, "dssn", 0, 10.0, cell="1_16-resnet101-dssn-s0")  # older duplicate of a cell...
-    trial("1_16", 662, "dssn", 0, 78.0, cell="1_16-resnet101-dssn-s0")  # ...the latest wins
-    return uri
+        log.experiment("empty")  # a parent run only
+        yield uri
+        mlflow.end_run()
 
 
-def test_load_runs_filters_and_dedupes(db):
+@pytest.fixture(scope="module")
+def runs(db) -> pd.DataFrame:
+    return load_runs(db, ["dssn/t2"])
+
+
+def test_load_runs_keeps_finished_trials_deduped(db, runs):
+    before = mlflow.get_tracking_uri()
     df = load_runs(db, ["dssn/t2"])
-    assert len(df) == len(CELLS)
-    assert df.loc[(df.split == "1_16") & (df.variant == "dssn"), "final/miou_best"].tolist() == [78.0]
-    with pytest.raises(ReportError, match="'dssn/nope' not found"):
+    assert mlflow.get_tracking_uri() == before  # nothing set globally
+    assert len(df) == len(BEST)
+    by_key = df.set_index(["split", "variant", "seed"])["final/miou_best"].to_dict()
+    assert by_key == BEST  # dedupe kept the newest; FAILED/RUNNING/parent runs are gone
+    assert pd.api.types.is_integer_dtype(df["n_labeled"])
+    row = df[(df.split == "1_8") & (df.variant == "dssn") & (df.seed == 0)].iloc[0]
+    assert row["n_labeled"] == 1323
+    assert row["fraction"] == pytest.approx(1323 / 10582)
+    assert row["params.method.r"] == "0.96"
+    assert row["protocol"] == "blended" and row["git_commit"] == "abc123"
+
+
+def test_load_runs_missing_and_empty_experiments(db):
+    with pytest.raises(ReportError, match=r"'dssn/nope' not found.*existing experiments: .*dssn/t2"):
         load_runs(db, ["dssn/nope"])
+    with pytest.raises(ReportError, match="no finished trial runs"):
+        load_runs(db, ["dssn/empty"])
+    assert len(load_runs(db, ["dssn/t2", "dssn/mixed"])) == len(BEST) + 2
 
 
-def test_tables_hold_hand_computed_mean_std_in_fraction_order(db):
-    tables = study_tables(load_runs(db, ["dssn/t2"]))
-    best = tables["final/miou_best"]
-    # supervised 1/8: mean(70, 72, 71) = 71, std = 1; dssn 1/8: mean 80, std 1
-    assert best.to_dict("index") == {
-        "1_16 (662)": {"supervised": "65.00 (n=1)", "dssn": "78.00 (n=1)"},
-        "1_8 (1323)": {"supervised": "71.00 ± 1.00 (n=3)", "dssn": "80.00 ± 1.00 (n=3)"},
-    }
-    assert tables["final/miou_teacher_best"].loc["1_8 (1323)", "supervised"] == "–"
-    assert tables["final/miou_student_last"].loc["1_8 (1323)", "dssn"] == "78.00 ± 1.00 (n=3)"
+def test_format_mean_std():
+    assert format_mean_std(63.4149, 0.5151, 3) == "63.41 ± 0.52 (n=3)"
+    assert format_mean_std(63.4149, float("nan"), 1) == "63.41 (n=1)"
+    assert format_mean_std(float("nan"), float("nan"), 0) == "–"
 
 
-def test_summary_orders_rows_numerically():
-    import pandas as pd
-
-    df = pd.DataFrame(
+def test_summarize_orders_rows_numerically():
+    frac = pd.DataFrame(
         {
-            "split": ["1_2", "1_16", "1_4"],
-            "variant": ["v"] * 3,
-            "m": [1.0, 2.0, 3.0],
-            "fraction": [0.5, 1 / 16, 0.25],
+            "split": ["1_2", "1_16", "1_4", "1_8"],
+            "variant": ["v"] * 4,
+            "m": [1.0, 2.0, 3.0, 4.0],
+            "fraction": [1 / 2, 1 / 16, 1 / 4, 1 / 8],
         }
     )
-    assert summarize(df, ["split"], ["variant"], "m")["split"].tolist() == ["1_16", "1_4", "1_2"]
+    assert summarize(frac, ["split"], ["variant"], "m")["split"].tolist() == ["1_16", "1_8", "1_4", "1_2"]
+    counts = pd.DataFrame({"split": ["1464", "92", "183"], "variant": ["v"] * 3, "m": [1.0, 2.0, 3.0]})
+    assert summarize(counts, ["split"], ["variant"], "m")["split"].tolist() == ["92", "183", "1464"]
 
 
-def test_paper_comparison_differences(db):
-    cmp = paper_comparison(load_runs(db, ["dssn/t2"]), "table2").set_index(["split", "backbone", "variant"])
-    # paper Table 2, R101: 1/8 DSSN 79.58, baseline 70.40; 1/16 DSSN 78.50
-    assert cmp.loc[("1_8", "resnet101", "dssn"), "paper"] == "79.58"
-    assert cmp.loc[("1_8", "resnet101", "dssn"), "ours − paper"] == "+0.42"
+def test_summarize_mean_std_count(runs):
+    s = summarize(runs, ["split"], ["variant"], "final/miou_best").set_index(["split", "variant"])
+    assert s.loc[("1_4", "dssn"), "mean"] == pytest.approx(82.1666667)
+    assert s.loc[("1_4", "dssn"), "std"] == pytest.approx(1.2583057)
+    assert s.loc[("1_8", "unimatch"), "count"] == 1
+    assert pd.isna(s.loc[("1_8", "unimatch"), "std"])
+
+
+def test_study_tables_exact_contents(runs):
+    tables = study_tables(runs)
+    assert list(tables) == [
+        "final/miou_best",
+        "final/miou_student_best",
+        "final/miou_teacher_best",
+        "final/miou_student_last",
+        "final/miou_teacher_last",
+    ]
+    best = tables["final/miou_best"]
+    assert best.index.tolist() == ["1_8 (1323)", "1_4 (2646)"]
+    assert best.columns.tolist() == ["supervised", "unimatch", "dssn"]
+    assert best.to_dict("index") == {
+        "1_8 (1323)": {
+            "supervised": "71.00 ± 1.00 (n=3)",
+            "unimatch": "78.00 (n=1)",
+            "dssn": "80.00 ± 2.00 (n=3)",
+        },
+        "1_4 (2646)": {"supervised": "75.00 ± 1.00 (n=3)", "unimatch": "–", "dssn": "82.17 ± 1.26 (n=3)"},
+    }
+    assert best.attrs["dataset"] == "voc" and best.attrs["protocol"] == "blended"
+    assert tables["final/miou_student_best"].loc["1_8 (1323)", "dssn"] == "79.50 ± 2.00 (n=3)"
+    assert tables["final/miou_teacher_best"].loc["1_8 (1323)"].tolist() == ["–", "–", "80.00 ± 2.00 (n=3)"]
+    assert tables["final/miou_student_last"].loc["1_4 (2646)", "supervised"] == "73.00 ± 1.00 (n=3)"
+    assert tables["final/miou_teacher_last"].loc["1_8 (1323)", "dssn"] == "78.50 ± 2.00 (n=3)"
+
+
+def test_mixed_protocols_refused(db):
+    with pytest.raises(ReportError, match=r"dataset 'voc' mix protocols \['blended', 'classic'\]"):
+        study_tables(load_runs(db, ["dssn/mixed"]))
+
+
+def test_paper_comparison_differences(runs):
+    cmp = paper_comparison(runs, "table2").set_index(["split", "backbone", "variant"])
+    # paper Table 2, ResNet-101: 1/8 DSSN 79.58, Baseline 70.40, Unimatch 78.40; 1/4 DSSN 79.45
+    assert cmp.loc[("1_8", "resnet101", "dssn"), ["paper", "ours", "ours − paper"]].tolist() == [
+        "79.58",
+        "80.00 ± 2.00 (n=3)",
+        "+0.42",
+    ]
     assert cmp.loc[("1_8", "resnet101", "supervised"), "ours − paper"] == "+0.60"
-    assert cmp.loc[("1_16", "resnet101", "dssn"), "ours − paper"] == "-0.50"
-    assert cmp.loc[("1_4", "resnet50", "dssn"), "ours"] == "–"
+    assert cmp.loc[("1_8", "resnet101", "unimatch"), "ours − paper"] == "-0.40"
+    assert cmp.loc[("1_4", "resnet101", "dssn"), "ours − paper"] == "+2.72"  # 82.1667 - 79.45
+    assert cmp.loc[("1_4", "resnet101", "dssn"), "diff"] == pytest.approx(82.1666667 - 79.45)
+    assert cmp.loc[("1_2", "resnet101", "unimatch"), ["paper", "ours", "ours − paper"]].tolist() == ["–"] * 3
+    assert cmp.loc[("1_16", "resnet50", "dssn"), ["paper", "ours"]].tolist() == ["76.74", "–"]
+    # rows follow backbone, then labeled fraction
+    assert cmp.index.get_level_values("split")[:4].tolist() == ["1_16"] * 3 + ["1_8"]
+    # a synthetic run never matches a VOC cell of the paper
+    assert (paper_comparison(runs.assign(dataset="synthetic"), "table2")["ours"] == "–").all()
+    with pytest.raises(ReportError, match="unknown paper table"):
+        paper_comparison(runs, "table9")
 
 
-def test_mixed_protocols_refused(db, tmp_path):
-    df = load_runs(db, ["dssn/t2"])
-    df.loc[0, "protocol"] = "classic"
-    with pytest.raises(ReportError, match="mix protocols"):
-        study_tables(df)
+def test_paper_figures_without_numbers(runs):
+    fig4 = paper_comparison(runs, "fig4").set_index("variant")
+    assert fig4.loc["f4_fixed092", "paper"] == "–"
+    assert fig4.loc["dssn", "ours − paper"] == "+0.42"
 
 
-def test_write_report_files(db, tmp_path):
-    written = write_report(load_runs(db, ["dssn/t2"]), tmp_path, "t2", paper_table="table2")
-    names = {p.relative_to(tmp_path).as_posix() for p in written}
-    assert names == {
+def test_write_report_files(runs, tmp_path):
+    written = write_report(runs, tmp_path, "t2", paper_table="table2")
+    assert {p.relative_to(tmp_path).as_posix() for p in written} == {
         "tables/t2.md",
         "tables/t2.csv",
         "tables/t2_vs_paper.md",
@@ -130,13 +267,42 @@ def test_write_report_files(db, tmp_path):
         "metrics/t2.json",
     }
     md = (tmp_path / "tables/t2.md").read_text()
-    assert "protocol **blended**" in md and "71.00 ± 1.00 (n=3)" in md
-    assert Image.open(tmp_path / "plots/t2_miou_vs_labels.png").size[0] > 100
-    metrics = json.loads((tmp_path / "metrics/t2.json").read_text())
-    assert metrics == {
-        "1_16/resnet101/dssn/miou_best": 78.0,
-        "1_16/resnet101/supervised/miou_best": 65.0,
-        "1_8/resnet101/dssn/miou_best": 80.0,
-        "1_8/resnet101/supervised/miou_best": 71.0,
+    for text in (
+        "# Study `t2`",
+        "dataset: **voc**, protocol: **blended**",
+        "backbone(s): resnet101",
+        "seeds: 0, 1, 2",
+        "budget per trial: 2 epochs, 20 steps",
+        "82.17 ± 1.26 (n=3)",
+    ):
+        assert text in md
+    assert md.index("1_8 (1323)") < md.index("1_4 (2646)")
+    csv = pd.read_csv(tmp_path / "tables/t2.csv", dtype={"split": str})
+    row = csv[(csv.metric == "final/miou_best") & (csv.split == "1_4") & (csv.variant == "dssn")].iloc[0]
+    assert (row["dataset"], row["protocol"], row["n_labeled"], row["count"]) == ("voc", "blended", 2646, 3)
+    assert "+0.42" in (tmp_path / "tables/t2_vs_paper.md").read_text()
+    for png in ("t2_miou_vs_labels.png", "t2_per_class.png"):
+        with Image.open(tmp_path / "plots" / png) as im:
+            im.verify()
+            assert im.format == "PNG" and im.size[0] > 100
+    assert json.loads((tmp_path / "metrics/t2.json").read_text()) == {
+        "1_4/dssn/miou_best": 82.1667,
+        "1_4/supervised/miou_best": 75.0,
+        "1_8/dssn/miou_best": 80.0,
+        "1_8/supervised/miou_best": 71.0,
+        "1_8/unimatch/miou_best": 78.0,
     }
-    assert not list(tmp_path.rglob(".*tmp*"))
+    assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]  # atomic writes left nothing
+
+
+def test_main_exit_codes(db, tmp_path, capsys):
+    assert main(["--tracking-uri", db, "--study", "nope", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "'dssn/nope' not found" in err and "dssn/t2" in err
+    assert main(["--tracking-uri", db, "--study", "empty", "--out", str(tmp_path)]) == 2
+    assert "no finished trial runs" in capsys.readouterr().err
+    assert (
+        main(["--tracking-uri", db, "--study", "t2", "--out", str(tmp_path), "--paper-table", "table2"]) == 0
+    )
+    assert (tmp_path / "tables/t2_vs_paper.csv").exists()
+    assert "metrics/t2.json" in capsys.readouterr().out

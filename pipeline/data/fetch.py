@@ -1,19 +1,26 @@
 """Download, verify and safely extract PASCAL VOC 2012, SBD and Cityscapes.
 
 Downloads resume (HTTP Range) into `<file>.part` with a progress bar and are renamed into place
-only after the checksum matches; a mismatch re-downloads once, then fails naming the file.
-Extraction rejects members that would escape the target and happens in a temp folder renamed
-into place. Offline: point params at an archive (verified, extracted) or an extracted tree
-(layout verified). Cityscapes credentials are never printed, logged or written anywhere.
+only after the checksum matches; a mismatch re-downloads once from scratch, then fails naming the
+file and both checksums. Extraction rejects members that would escape the target (absolute paths,
+`..`, links pointing outside) and happens in a temp folder renamed into place. Offline: point at
+an archive (checksum verified, then extracted) or an extracted tree (layout verified).
+Cityscapes credentials are never printed, logged or put into any message.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import logging
 import os
 import shutil
 import tarfile
+import tempfile
 import zipfile
+import zlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import requests
@@ -22,59 +29,35 @@ from tqdm import tqdm
 
 from pipeline.data.errors import DataError
 
+log = logging.getLogger(__name__)
+
+# datasets.md §1 (torchvision voc.py / sbd.py, datasets-mila annex keys).
 VOC_URL = "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar"
 VOC_MD5 = "6cd6e144f989b92b3379bac3b3de84fd"
+VOC_SHA256 = "e14f763270cf193d0b5f74b169f44157a4b0c6efa708f4dd0ff78ee691763bcb"
+VOC_SIZE = 1_999_639_040
 SBD_URL = "http://www.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/semantic_contours/benchmark.tgz"
 SBD_MD5 = "82b4d87ceb2ed10f6038a1cba92111cb"
+SBD_SHA256 = "6a5a2918d5c73ce032fdeba876574d150d9d04113ab87540a1304cbcc715be53"
 CITYSCAPES_URL = "https://www.cityscapes-dataset.com"
-CITYSCAPES_PACKAGES = {"gtFine_trainvaltest.zip": (1, "4237c19de34c8a376e9ba46b495d6f66"),
-                       "leftImg8bit_trainvaltest.zip": (3, "0a6e97e94b616a514066c9e2adb0c97f")}
+# name -> (packageID, md5)
+CITYSCAPES_PACKAGES = {
+    "gtFine_trainvaltest.zip": (1, "4237c19de34c8a376e9ba46b495d6f66"),
+    "leftImg8bit_trainvaltest.zip": (3, "0a6e97e94b616a514066c9e2adb0c97f"),
+}
+# Known sizes of the official releases; pass them as `counts=` to make a partial tree an error.
+VOC_COUNTS = {"ImageSets/Segmentation/train.txt": 1464, "ImageSets/Segmentation/val.txt": 1449}
+SBD_COUNTS = {"train.txt": 8498, "val.txt": 2857}
+CITYSCAPES_COUNTS = {"leftImg8bit/train": 2975, "leftImg8bit/val": 500}
 CHUNK = 1 << 20
+TIMEOUT = 60
+_MARKER = ".extracted.json"
 
 
-def _stream(session: requests.Session, url: str, part: Path, resume: bool) -> None:
-    have = part.stat().st_size if (resume and part.exists()) else 0
-    headers = {"Range": f"bytes={have}-"} if have else {}
-    with session.get(url, stream=True, headers=headers, timeout=60, allow_redirects=True) as r:
-        if r.status_code == 416:  # already complete
-            return
-        if r.status_code not in (200, 206):
-            raise DataError(f"{url}: HTTP {r.status_code} while downloading {part.name.removesuffix('.part')}")
-        if r.status_code == 200:
-            have = 0  # the server ignored Range: start over
-        total = int(r.headers.get("Content-Length", 0)) + have
-        with open(part, "ab" if have else "wb") as f, tqdm(total=total or None, initial=have, unit="B",
-                                                          unit_scale=True, desc=part.name, mininterval=1) as bar:
-            for chunk in r.iter_content(CHUNK):
-                f.write(chunk)
-                bar.update(len(chunk))
-
-
-def download(url: str, dest: Path, md5: str | None = None, sha256: str | None = None,
-             session: requests.Session | None = None, resume: bool = True) -> Path:
-    """`url` -> `dest`, verified; an existing file with the right checksum is kept as it is."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    if dest.exists() and _matches(dest, md5, sha256):
-        return dest
-    session = session or requests.Session()
-    part = dest.with_name(dest.name + ".part")
-    for attempt in (1, 2):
-        _stream(session, url, part, resume=resume and attempt == 1)
-        if _matches(part, md5, sha256):
-            os.replace(part, dest)
-            return dest
-        actual = calculate_md5(str(part)) if md5 else _sha256(part)
-        part.unlink()
-        if attempt == 2:
-            raise DataError(f"{dest.name}: checksum mismatch after a fresh re-download from {url} "
-                            f"(expected {'md5 ' + md5 if md5 else 'sha256 ' + str(sha256)}, got {actual})")
-    raise AssertionError("unreachable")
+# ----------------------------------------------------------------------------- download
 
 
 def _sha256(path: Path) -> str:
-    import hashlib
-
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(CHUNK), b""):
@@ -82,66 +65,190 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _matches(path: Path, md5: str | None, sha256: str | None) -> bool:
-    if md5 and calculate_md5(str(path)) != md5:
-        return False
-    return not (sha256 and _sha256(path) != sha256)
+def _checksum_error(path: Path, md5: str | None, sha256: str | None) -> str | None:
+    """None when the file matches every given checksum, else 'expected X, got Y'."""
+    if md5:
+        got = calculate_md5(str(path))
+        if got != md5.lower():
+            return f"expected md5 {md5}, got {got}"
+    if sha256:
+        got = _sha256(path)
+        if got != sha256.lower():
+            return f"expected sha256 {sha256}, got {got}"
+    return None
 
 
-def _safe_member(name: str, target: Path) -> Path:
+def _stream(session: requests.Session, url: str, part: Path, resume: bool, allow_redirects: bool) -> None:
+    have = part.stat().st_size if (resume and part.exists()) else 0
+    headers = {"Range": f"bytes={have}-"} if have else {}
+    name = part.name.removesuffix(".part")
+    try:
+        with session.get(
+            url, stream=True, headers=headers, timeout=TIMEOUT, allow_redirects=allow_redirects
+        ) as r:
+            if r.status_code == 416 and have:  # nothing left to fetch: the part is complete
+                return
+            if r.status_code not in (200, 206):
+                raise DataError(f"{name}: HTTP {r.status_code} from {url}")
+            if r.status_code == 200:
+                have = 0  # the server ignored Range: start over
+            total = int(r.headers.get("Content-Length", 0)) + have
+            with (
+                open(part, "ab" if have else "wb") as f,
+                tqdm(
+                    total=total or None, initial=have, unit="B", unit_scale=True, desc=name, mininterval=1
+                ) as bar,
+            ):
+                for chunk in r.iter_content(1 << 16):  # small: an interrupted transfer keeps most bytes
+                    f.write(chunk)
+                    bar.update(len(chunk))
+    except requests.RequestException as e:
+        # The .part stays, so the next call resumes where this one stopped.
+        raise DataError(
+            f"{name}: download from {url} failed ({type(e).__name__}); run again to resume"
+        ) from e
+
+
+def download(
+    url: str,
+    dest: Path,
+    md5: str | None = None,
+    sha256: str | None = None,
+    session: requests.Session | None = None,
+    resume: bool = True,
+    allow_redirects: bool = True,
+) -> Path:
+    """`url` -> `dest`, verified; a file already there with the right checksum is kept without a request."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.exists() and _checksum_error(dest, md5, sha256) is None:
+        return dest  # nothing to verify against, or verified: no request
+    session = session or requests.Session()
+    part = dest.with_name(dest.name + ".part")
+    for attempt in (1, 2):
+        _stream(session, url, part, resume=resume and attempt == 1, allow_redirects=allow_redirects)
+        problem = _checksum_error(part, md5, sha256)
+        if problem is None:
+            os.replace(part, dest)
+            return dest
+        part.unlink()
+        if attempt == 1:
+            log.warning("%s: checksum mismatch (%s); downloading it again from scratch", dest.name, problem)
+        else:
+            raise DataError(
+                f"{dest.name}: checksum mismatch after a fresh re-download from {url} ({problem})"
+            )
+    raise AssertionError("unreachable")
+
+
+# ----------------------------------------------------------------------------- extraction
+
+
+def _inside(root: Path, target: Path) -> bool:
+    root, target = root.resolve(), target.resolve()
+    return target == root or root in target.parents
+
+
+def _check_name(name: str, root: Path, archive: Path) -> None:
     p = Path(name)
-    if p.is_absolute() or ".." in p.parts:
-        raise DataError(f"archive member {name!r} would escape the target folder")
-    dest = (target / p).resolve()
-    if target.resolve() not in (dest, *dest.parents):
-        raise DataError(f"archive member {name!r} would escape the target folder")
+    if (
+        not name
+        or p.is_absolute()
+        or name.startswith(("/", "\\"))
+        or ".." in p.parts
+        or not _inside(root, root / p)
+    ):
+        raise DataError(f"{archive}: member {name!r} would escape the extraction folder")
+
+
+def _check_tar(t: tarfile.TarFile, root: Path, archive: Path) -> None:
+    for m in t.getmembers():
+        _check_name(m.name, root, archive)
+        if m.issym() or m.islnk():
+            # symlinks resolve from the member's folder, hard links from the archive root
+            base = root / Path(m.name).parent if m.issym() else root
+            if Path(m.linkname).is_absolute() or not _inside(root, base / m.linkname):
+                raise DataError(
+                    f"{archive}: member {m.name!r} links outside the extraction folder ({m.linkname})"
+                )
+        elif not (m.isfile() or m.isdir()):
+            raise DataError(f"{archive}: member {m.name!r} is not a regular file, folder or link")
+
+
+def _extract_into(archive: Path, root: Path) -> None:
+    """Extract every member of `archive` into the existing folder `root` (merging), after checking all."""
+    if not archive.is_file():
+        raise DataError(f"{archive}: archive not found")
+    try:
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as z:
+                for info in z.infolist():
+                    _check_name(info.filename, root, archive)
+                z.extractall(root)
+            return
+        with tarfile.open(archive) as t:
+            _check_tar(t, root, archive)
+            t.extractall(root, filter="data")  # second line of defence, checks links at extraction time
+    except DataError:
+        raise
+    except tarfile.FilterError as e:
+        raise DataError(
+            f"{archive}: member would escape the extraction folder or links outside it ({e})"
+        ) from e
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, OSError) as e:
+        raise DataError(f"{archive}: truncated or corrupt archive ({type(e).__name__}: {e})") from e
+
+
+def _replace_dir(tmp: Path, dest: Path) -> None:
+    """Swap a finished tmp folder in; the old one goes only after the new one is in place."""
+    old = None
+    if dest.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".old-{dest.name}-", dir=dest.parent))
+        os.replace(dest, old / "x")
+    try:
+        os.replace(tmp, dest)
+    except BaseException:
+        if old is not None:
+            os.replace(old / "x", dest)
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _stamp(archives: Sequence[Path]) -> list[list]:
+    return [[a.name, a.stat().st_size, int(a.stat().st_mtime)] for a in archives]
+
+
+def _extract_all(archives: Sequence[Path], dest: Path) -> Path:
+    """Extract archives (merged) into dest atomically; skipped when dest was made from the same files."""
+    dest = Path(dest)
+    marker = dest / _MARKER
+    with contextlib.suppress(OSError, ValueError):
+        if json.loads(marker.read_text()) == _stamp(archives):
+            return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-extract-{dest.name}-", dir=dest.parent))
+    try:
+        for a in archives:
+            _extract_into(Path(a), tmp)
+        (tmp / _MARKER).write_text(json.dumps(_stamp(archives)))
+        _replace_dir(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return dest
 
 
 def safe_extract(archive: Path, dest: Path) -> Path:
-    """Extract tar/tgz/zip into `dest` (atomically); unsafe or corrupt archives raise DataError."""
-    archive, dest = Path(archive), Path(dest)
-    tmp = dest.parent / f".tmp-extract-{dest.name}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
-        if zipfile.is_zipfile(archive):
-            with zipfile.ZipFile(archive) as z:
-                bad = z.testzip()
-                if bad is not None:
-                    raise DataError(f"{archive}: corrupt member {bad!r}")
-                for info in z.infolist():
-                    _safe_member(info.filename, tmp)
-                z.extractall(tmp)
-        else:
-            try:
-                with tarfile.open(archive) as t:
-                    members = t.getmembers()
-                    for m in members:
-                        _safe_member(m.name, tmp)
-                        if m.issym() or m.islnk():
-                            link = Path(m.linkname)
-                            base = Path(m.name).parent if m.issym() else Path()
-                            if link.is_absolute() or ".." in (base / link).parts and not _inside(tmp, base / link):
-                                raise DataError(f"archive member {m.name!r} links outside the target ({m.linkname})")
-                        elif not (m.isfile() or m.isdir()):
-                            raise DataError(f"archive member {m.name!r} is not a regular file or folder")
-                    t.extractall(tmp, members=members, filter="data")
-            except (tarfile.TarError, EOFError, OSError) as e:
-                raise DataError(f"{archive}: truncated or corrupt archive ({e})") from e
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if dest.exists():
-        shutil.rmtree(dest)
-    os.replace(tmp, dest)
-    return dest
+    """Extract tar/tgz/zip into `dest` atomically; unsafe members or a corrupt archive raise DataError."""
+    archive = Path(archive)
+    if not archive.is_file():
+        raise DataError(f"{archive}: archive not found")
+    return _extract_all([archive], Path(dest))
 
 
-def _inside(root: Path, rel: Path) -> bool:
-    target = (root / rel).resolve()
-    return root.resolve() in (target, *target.parents)
+# ----------------------------------------------------------------------------- layouts
 
 
 def _require(path: Path, what: str) -> Path:
@@ -150,112 +257,234 @@ def _require(path: Path, what: str) -> Path:
     return path
 
 
-def fetch_voc(dest: Path, url: str = VOC_URL, md5: str = VOC_MD5, archive: Path | None = None,
-              extracted: Path | None = None) -> Path:
-    """The `VOCdevkit/VOC2012` folder (download, or verify an archive / tree you already have)."""
+def _check_counts(root: Path, counts: dict[str, int] | None, what: str) -> None:
+    """Known sizes of a full release: `*.txt` keys count ids, folder keys count files below them."""
+    for rel, n in (counts or {}).items():
+        p = root / rel
+        if p.suffix == ".txt":
+            got = sum(1 for line in p.read_text().splitlines() if line.strip())
+        else:
+            got = sum(1 for q in p.rglob("*") if q.is_file())
+        if got != n:
+            raise DataError(
+                f"{p}: {got} entries, but the official {what} has {n} (incomplete or not the release?)"
+            )
+
+
+def _verify_archive(path: Path, md5: str | None, what: str, key: str, sha256: str | None = None) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: archive not found ({key})")
+    problem = _checksum_error(path, md5, sha256)
+    if problem is not None:
+        kind = "md5" if md5 else "sha256"
+        raise DataError(f"{path}: {kind} is not {md5 or sha256} — not the official {what} ({problem})")
+    return path
+
+
+def _voc_root(path: Path) -> Path:
+    for cand in (path / "VOCdevkit" / "VOC2012", path / "VOC2012", path):
+        if (cand / "ImageSets").exists():
+            return cand
+    return path
+
+
+def voc_layout(root: Path, counts: dict[str, int] | None = None) -> Path:
+    for sub in (
+        "JPEGImages",
+        "SegmentationClass",
+        "ImageSets/Segmentation/train.txt",
+        "ImageSets/Segmentation/val.txt",
+    ):
+        _require(root / sub, f"{sub} of PASCAL VOC 2012 (VOCdevkit/VOC2012)")
+    _check_counts(root, counts, "PASCAL VOC 2012")
+    return root
+
+
+def fetch_voc(
+    dest: Path,
+    url: str = VOC_URL,
+    md5: str = VOC_MD5,
+    archive: Path | None = None,
+    extracted: Path | None = None,
+    counts: dict[str, int] | None = None,
+) -> Path:
+    """The `VOCdevkit/VOC2012` folder: downloaded, or verified from an archive / a tree you already have.
+
+    `counts=VOC_COUNTS` additionally insists on the full official release.
+    """
     if extracted is not None:
-        root = Path(extracted)
-        root = root / "VOCdevkit" / "VOC2012" if (root / "VOCdevkit").exists() else root
-        for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation/train.txt",
-                    "ImageSets/Segmentation/val.txt"):
-            _require(root / sub, f"{sub} of PASCAL VOC 2012 (datasets.voc.source.extracted)")
-        return root
+        return voc_layout(_voc_root(Path(extracted)), counts)
     dest = Path(dest)
-    tar = Path(archive) if archive is not None else dest / "VOCtrainval_11-May-2012.tar"
     if archive is not None:
-        if not tar.exists():
-            raise DataError(f"{tar}: archive not found (datasets.voc.source.archive)")
-        if calculate_md5(str(tar)) != md5:
-            raise DataError(f"{tar}: md5 is not {md5} — not the official VOCtrainval_11-May-2012.tar")
+        tar = _verify_archive(archive, md5, "VOCtrainval_11-May-2012.tar", "datasets.voc.source.archive")
     else:
-        download(url, tar, md5=md5)
-    out = safe_extract(tar, dest / "voc")
-    return _require(out / "VOCdevkit" / "VOC2012", "VOCdevkit/VOC2012 inside the VOC archive")
+        tar = download(url, dest / "VOCtrainval_11-May-2012.tar", md5=md5)
+    out = _extract_all([tar], dest / "voc")
+    return voc_layout(_require(out / "VOCdevkit" / "VOC2012", f"VOCdevkit/VOC2012 inside {tar.name}"), counts)
 
 
-def fetch_sbd(dest: Path, url: str = SBD_URL, md5: str = SBD_MD5, archive: Path | None = None,
-              extracted: Path | None = None) -> Path:
+def sbd_layout(root: Path, counts: dict[str, int] | None = None) -> Path:
+    for sub in ("cls", "train.txt", "val.txt"):
+        _require(root / sub, f"{sub} of SBD (benchmark_RELEASE/dataset)")
+    _check_counts(root, counts, "SBD")
+    return root
+
+
+def fetch_sbd(
+    dest: Path,
+    url: str = SBD_URL,
+    md5: str = SBD_MD5,
+    archive: Path | None = None,
+    extracted: Path | None = None,
+    counts: dict[str, int] | None = None,
+) -> Path:
     """SBD's `benchmark_RELEASE/dataset` folder (cls/*.mat, train.txt, val.txt)."""
     if extracted is not None:
         root = Path(extracted)
-        root = root / "benchmark_RELEASE" / "dataset" if (root / "benchmark_RELEASE").exists() else root
-        for sub in ("cls", "train.txt", "val.txt"):
-            _require(root / sub, f"{sub} of SBD (datasets.voc.source.sbd_extracted)")
-        return root
+        for cand in (root / "benchmark_RELEASE" / "dataset", root / "dataset"):
+            if cand.is_dir():
+                root = cand
+                break
+        return sbd_layout(root, counts)
     dest = Path(dest)
-    tgz = Path(archive) if archive is not None else dest / "benchmark.tgz"
     if archive is not None:
-        if not tgz.exists():
-            raise DataError(f"{tgz}: archive not found (datasets.voc.source.sbd_archive)")
-        if calculate_md5(str(tgz)) != md5:
-            raise DataError(f"{tgz}: md5 is not {md5} — not the official SBD benchmark.tgz")
+        tgz = _verify_archive(archive, md5, "SBD benchmark.tgz", "datasets.voc.source.sbd_archive")
     else:
-        download(url, tgz, md5=md5)
-    out = safe_extract(tgz, dest / "sbd")
-    return _require(out / "benchmark_RELEASE" / "dataset", "benchmark_RELEASE/dataset inside benchmark.tgz")
+        tgz = download(url, dest / "benchmark.tgz", md5=md5)
+    out = _extract_all([tgz], dest / "sbd")
+    return sbd_layout(
+        _require(out / "benchmark_RELEASE" / "dataset", f"benchmark_RELEASE/dataset inside {tgz.name}"),
+        counts,
+    )
+
+
+# ----------------------------------------------------------------------------- Cityscapes
+
+
+def _credentials_file() -> Path:
+    """Where cityscapesscripts (appdirs user_data_dir) keeps credentials.json on Linux."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "cityscapesscripts" / "credentials.json"
 
 
 def cityscapes_credentials(username: str | None = None, password: str | None = None) -> tuple[str, str]:
-    """Args, then CITYSCAPES_USERNAME/PASSWORD, then cityscapesscripts' credentials.json."""
+    """Args, then CITYSCAPES_USERNAME/CITYSCAPES_PASSWORD, then cityscapesscripts' credentials.json."""
     username = username or os.environ.get("CITYSCAPES_USERNAME")
     password = password or os.environ.get("CITYSCAPES_PASSWORD")
     if username and password:
         return username, password
-    cred = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local/share")) / "cityscapesscripts/credentials.json"
-    if cred.exists():
-        data = json.loads(cred.read_text())
-        return data["username"], data["password"]
-    raise DataError("Cityscapes needs an account: set CITYSCAPES_USERNAME and CITYSCAPES_PASSWORD (or "
-                    f"cityscapesscripts' {cred}), or point datasets.cityscapes.source at downloaded zips")
+    cred = _credentials_file()
+    if cred.is_file():
+        try:
+            data = json.loads(cred.read_text())
+            return str(data["username"]), str(data["password"])
+        except (ValueError, KeyError, TypeError, OSError):
+            # never echo the file's content: it holds a password
+            raise DataError(f"{cred}: expected JSON with 'username' and 'password'") from None
+    raise DataError(
+        "Cityscapes needs an account: set CITYSCAPES_USERNAME and CITYSCAPES_PASSWORD (or cityscapesscripts' "
+        f"{cred}), or point datasets.cityscapes.source at the downloaded zips"
+    )
 
 
 def cityscapes_session(base_url: str, username: str, password: str) -> requests.Session:
-    """Log in as csDownload does: POST /login/ answered by a 302 means success."""
+    """Log in as csDownload does: GET then POST /login/; only an HTTP 302 answer means success."""
     s = requests.Session()
-    s.get(f"{base_url}/login/", allow_redirects=False, timeout=60)
-    r = s.post(f"{base_url}/login/", data={"username": username, "password": password, "submit": "Login"},
-               allow_redirects=False, timeout=60)
+    try:
+        s.get(f"{base_url}/login/", allow_redirects=False, timeout=TIMEOUT)
+        r = s.post(
+            f"{base_url}/login/",
+            data={"username": username, "password": password, "submit": "Login"},
+            allow_redirects=False,
+            timeout=TIMEOUT,
+        )
+    except requests.RequestException as e:
+        raise DataError(f"Cityscapes login at {base_url}/login/ failed: {type(e).__name__}") from None
     if r.status_code != 302:
-        raise DataError(f"Cityscapes login failed at {base_url}/login/ (HTTP {r.status_code}): check "
-                        "CITYSCAPES_USERNAME / CITYSCAPES_PASSWORD")
+        raise DataError(
+            f"Cityscapes login failed at {base_url}/login/ (HTTP {r.status_code}, expected 302): check "
+            "CITYSCAPES_USERNAME / CITYSCAPES_PASSWORD (or cityscapesscripts' credentials.json)"
+        )
     return s
 
 
-def fetch_cityscapes(dest: Path, packages: tuple[str, ...] = tuple(CITYSCAPES_PACKAGES),
-                     base_url: str = CITYSCAPES_URL, username: str | None = None, password: str | None = None,
-                     archives: dict[str, Path] | None = None, extracted: Path | None = None) -> Path:
-    """A Cityscapes root with `leftImg8bit/` and `gtFine/` (download through the login, or offline)."""
+def _package_id(session: requests.Session, base_url: str, name: str) -> int:
+    if name in CITYSCAPES_PACKAGES:
+        return CITYSCAPES_PACKAGES[name][0]
+    try:
+        r = session.get(f"{base_url}/downloads/?list", allow_redirects=False, timeout=TIMEOUT)
+        packages = {p["name"]: int(p["packageID"]) for p in r.json()}
+    except (requests.RequestException, ValueError, KeyError, TypeError) as e:
+        raise DataError(
+            f"Cityscapes package {name!r}: cannot read the package list ({type(e).__name__})"
+        ) from None
+    if name not in packages:
+        raise DataError(f"Cityscapes package {name!r}: not one of {sorted(packages)}")
+    return packages[name]
+
+
+def _remote_md5(session: requests.Session, base_url: str, package_id: int, name: str) -> str | None:
+    try:
+        r = session.get(f"{base_url}/md5-sum/?packageID={package_id}", allow_redirects=False, timeout=TIMEOUT)
+    except requests.RequestException:
+        return None
+    token = r.text.split()[0].lower() if r.status_code == 200 and r.text.split() else ""
+    return token if len(token) == 32 and all(c in "0123456789abcdef" for c in token) else None
+
+
+def cityscapes_layout(root: Path, counts: dict[str, int] | None = None) -> Path:
+    for sub in ("leftImg8bit/train", "leftImg8bit/val", "gtFine/train", "gtFine/val"):
+        _require(root / sub, f"{sub} of Cityscapes (leftImg8bit_trainvaltest.zip + gtFine_trainvaltest.zip)")
+    _check_counts(root, counts, "Cityscapes")
+    return root
+
+
+def fetch_cityscapes(
+    dest: Path,
+    packages: tuple[str, ...] = ("gtFine_trainvaltest.zip", "leftImg8bit_trainvaltest.zip"),
+    base_url: str = CITYSCAPES_URL,
+    username: str | None = None,
+    password: str | None = None,
+    archives: dict[str, Path] | None = None,
+    extracted: Path | None = None,
+    md5s: dict[str, str] | None = None,
+    counts: dict[str, int] | None = None,
+) -> Path:
+    """A Cityscapes root with `leftImg8bit/` and `gtFine/`: downloaded through the login, or offline.
+
+    Downloads are checked against the site's md5-sum endpoint (as csDownload does), falling back to
+    the known release md5; offline zips against `md5s` or the known release md5.
+    """
     if extracted is not None:
-        root = Path(extracted)
-        for sub in ("leftImg8bit/train", "leftImg8bit/val", "gtFine/train", "gtFine/val"):
-            _require(root / sub, f"{sub} of Cityscapes (datasets.cityscapes.source.extracted)")
-        return root
+        return cityscapes_layout(Path(extracted), counts)
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    session = None
+    base_url = base_url.rstrip("/")
+    known = {name: md5 for name, (_, md5) in CITYSCAPES_PACKAGES.items()} | (md5s or {})
     zips = []
+    session = None
     for name in packages:
-        package_id, md5 = CITYSCAPES_PACKAGES[name]
         if archives is not None:
-            z = Path(archives[name])
-            if not z.exists():
-                raise DataError(f"{z}: Cityscapes archive not found (datasets.cityscapes.source.archive)")
-            if calculate_md5(str(z)) != md5:
-                raise DataError(f"{z}: md5 is not {md5} — not the official {name}")
-        else:
-            if session is None:
-                session = cityscapes_session(base_url, *cityscapes_credentials(username, password))
-            z = download(f"{base_url}/file-handling/?packageID={package_id}", dest / name, md5=md5,
-                         session=session)
-        zips.append(z)
-    root = dest / "cityscapes"
-    root.mkdir(exist_ok=True)
-    for z in zips:
-        part = safe_extract(z, dest / f"extract-{z.stem}")
-        for child in part.iterdir():
-            target = root / child.name
-            if target.exists() and child.is_dir():
-                shutil.rmtree(target)
-            os.replace(child, target)
-        shutil.rmtree(part)
-    return fetch_cityscapes(dest, extracted=root)
+            if name not in archives:
+                raise DataError(
+                    f"Cityscapes archive for {name} not given (datasets.cityscapes.source.archive)"
+                )
+            zips.append(
+                _verify_archive(archives[name], known.get(name), name, "datasets.cityscapes.source.archive")
+            )
+            continue
+        if session is None:
+            session = cityscapes_session(base_url, *cityscapes_credentials(username, password))
+        package_id = _package_id(session, base_url, name)
+        md5 = (md5s or {}).get(name) or _remote_md5(session, base_url, package_id, name) or known.get(name)
+        zips.append(
+            download(
+                f"{base_url}/file-handling/?packageID={package_id}",
+                dest / name,
+                md5=md5,
+                session=session,
+                allow_redirects=False,  # an expired session is redirected to the login page, never saved
+            )
+        )
+    return cityscapes_layout(_extract_all(zips, dest / "cityscapes"), counts)

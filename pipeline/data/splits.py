@@ -109,7 +109,7 @@ def classic_split(
 def denominator(split: str, protocol: str) -> int:
     """`1_16` -> 16; anything else is a clear error naming the split."""
     head, sep, tail = split.partition("_")
-    if head != "1" or not sep or not tail.isdigit() or int(tail) < 2:
+    if head != "1" or not sep or not tail.isdigit() or int(tail) < 1:
         raise DataError(
             f"split {split!r}: protocol {protocol!r} expects fractions like '1_16', '1_8', '1_4', '1_2'"
         )
@@ -119,13 +119,17 @@ def denominator(split: str, protocol: str) -> int:
 def expected_labeled(protocol: str, split: str, n_train: int, n_fine: int | None = None) -> int:
     """How many labeled items a split of this protocol must have (also used to check published lists)."""
     if protocol not in PROTOCOLS:
-        raise DataError(f"splits.protocol: expected one of {PROTOCOLS}, got {protocol!r}")
+        raise DataError(f"splits.protocol must be one of {PROTOCOLS}, got {protocol!r}")
     if protocol == "classic":
         if not split.isdigit() or int(split) < 1:
-            raise DataError(f"split {split!r}: protocol 'classic' expects a labeled count like '92' or '1464'")
+            raise DataError(
+                f"split {split!r}: protocol 'classic' expects a labeled count like '92' or '1464'"
+            )
         n = int(split)
         if n_fine is not None and n > n_fine:
-            raise DataError(f"split {split!r}: only {n_fine} fine-annotated items (train_fine.txt) to draw from")
+            raise DataError(
+                f"split {split!r}: only {n_fine} fine-annotated items (train_fine.txt) to draw from"
+            )
         return n
     return math.ceil(n_train / denominator(split, protocol))
 
@@ -186,8 +190,9 @@ def check_files(lines: Sequence[str], where: str, root: Path) -> None:
 
 
 def _pairs(lines: list[str], path: Path) -> list[str]:
+    """UniMatch lines are `<image> <mask>`; a bare id/path is tolerated, more fields are not."""
     for no, line in enumerate(lines, 1):
-        if len(line.split()) != 2:
+        if len(line.split()) > 2:
             raise DataError(f"{path}:{no}: expected '<image path> <mask path>', got {line!r}")
     return lines
 
@@ -232,7 +237,9 @@ def _official(official_root: Path, split: str) -> tuple[list[str], list[str]]:
     for name in ("labeled.txt", "unlabeled.txt"):
         p = official_root / split / name
         if not p.is_file():
-            raise DataError(f"{p}: published split list not found (splits.official_root / {split} / {name})")
+            raise DataError(
+                f"{p}: published split list file not found (splits.official_root / {split} / {name})"
+            )
         out.append(_pairs(read_list(p), p))
     return out[0], out[1]
 
@@ -249,13 +256,15 @@ def make_splits(
 ) -> dict:
     """Write `<out>/<split>/{labeled,unlabeled}.txt` + `split.json` and `<out>/val.txt`, all or nothing.
 
-    `root` (default: none for generated splits, `lists_dir.parent` for official ones) makes every
-    referenced file be checked for existence.
+    Returns `{split: split.json contents}`. With `root`, every referenced file is checked to exist
+    under it. Published lists (`source="official"`) must hold exactly the items of `train.txt` (whose
+    files `prepare` already validated) and the protocol's labeled count, so a copied split can never
+    refer to a file the prepared dataset lacks.
     """
     if protocol not in PROTOCOLS:
-        raise DataError(f"splits.protocol: expected one of {PROTOCOLS}, got {protocol!r}")
+        raise DataError(f"splits.protocol must be one of {PROTOCOLS}, got {protocol!r}")
     if source not in SOURCES:
-        raise DataError(f"splits.source: expected one of {SOURCES}, got {source!r}")
+        raise DataError(f"splits.source must be one of {SOURCES}, got {source!r}")
     if not splits:
         raise DataError("splits.names: no split names given")
     _no_duplicates(list(splits), "splits.names")
@@ -270,17 +279,17 @@ def make_splits(
         _no_duplicates(lst, str(p))
     both = set(train) & set(val)
     if both:
-        raise DataError(f"{lists_dir}: {len(both)} items are in both train.txt and val.txt, e.g. {min(both)!r}")
+        raise DataError(
+            f"{lists_dir}: {len(both)} items are in both train.txt and val.txt, e.g. {min(both)!r}"
+        )
     if source == "official":
         if official_root is None:
             raise DataError("splits.source is 'official' but splits.official_root is not set")
         official_root = Path(official_root)
-        if root is None:
-            root = lists_dir.parent
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
-    summary: dict = {"protocol": protocol, "source": source, "seed": seed, "n_train": len(train), "splits": {}}
+    summary: dict[str, dict] = {}
     try:
         for split in splits:
             where = f"{out_dir}/{split}"
@@ -288,6 +297,7 @@ def make_splits(
             if source == "official":
                 lab, unl = _official(official_root, split)
                 where = str(official_root / split)
+                check_split(lab, unl, where, root, train=train)
                 if len(lab) != n_expected:
                     raise DataError(
                         f"{official_root / split / 'labeled.txt'}: {len(lab)} labeled items, but protocol "
@@ -302,7 +312,7 @@ def make_splits(
             write_list(tmp / split / "unlabeled.txt", unl)
             meta = _meta(protocol, split, lab, unl, source, seed)
             _write_json(tmp / split / "split.json", meta)
-            summary["splits"][split] = meta
+            summary[split] = meta
         if source == "official" and (official_root / "val.txt").is_file():
             pub_val = _pairs(read_list(official_root / "val.txt"), official_root / "val.txt")
             if set(pub_val) != set(val):
@@ -314,7 +324,6 @@ def make_splits(
         if root is not None:
             check_files(val, f"{out_dir}/val.txt", root)
         write_list(tmp / "val.txt", val)
-        summary["n_val"] = len(val)
         _swap_in(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -324,7 +333,8 @@ def make_splits(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m pipeline.data.splits", description="Build split lists from any id (or list-line) file."
+        prog="python -m pipeline.data.splits",
+        description="Build split lists from any id (or list-line) file.",
     )
     p.add_argument("--ids", required=True, type=Path, help="one id or '<image> <mask>' line per line")
     p.add_argument("--protocol", default="blended", choices=PROTOCOLS)
@@ -349,7 +359,9 @@ def main(argv: list[str] | None = None) -> int:
                 check_split(lab, unl, f"{args.out}/{split}", train=ids)
                 write_list(tmp / split / "labeled.txt", lab)
                 write_list(tmp / split / "unlabeled.txt", unl)
-                _write_json(tmp / split / "split.json", _meta(args.protocol, split, lab, unl, "generate", args.seed))
+                _write_json(
+                    tmp / split / "split.json", _meta(args.protocol, split, lab, unl, "generate", args.seed)
+                )
                 print(f"{split}: {len(lab)} labeled, {len(unl)} unlabeled")
             if val is not None:
                 write_list(tmp / "val.txt", val)

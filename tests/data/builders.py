@@ -34,12 +34,19 @@ def sbd_mat(path: Path, seg: np.ndarray) -> None:
     bounds = np.empty((20, 1), dtype=object)
     for i in range(20):
         bounds[i, 0] = np.zeros(seg.shape, dtype=bool)
-    savemat(str(path), {"GTcls": {"Segmentation": seg.astype(np.uint8), "Boundaries": bounds,
-                                  "CategoriesPresent": cats}})
+    savemat(
+        str(path),
+        {"GTcls": {"Segmentation": seg.astype(np.uint8), "Boundaries": bounds, "CategoriesPresent": cats}},
+    )
 
 
-def voc_tree(root: Path, train=("2007_000001", "2007_000002"), val=("2007_000003",), sbd_only=("2008_000010",),
-             size=(20, 30)) -> tuple[Path, Path]:
+def voc_tree(
+    root: Path,
+    train=("2007_000001", "2007_000002"),
+    val=("2007_000003",),
+    sbd_only=("2008_000010",),
+    size=(20, 30),
+) -> tuple[Path, Path]:
     """A `VOCdevkit/VOC2012` tree and an SBD `benchmark_RELEASE/dataset` tree."""
     voc = root / "VOCdevkit" / "VOC2012"
     h, w = size

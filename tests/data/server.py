@@ -15,7 +15,10 @@ class Handler(BaseHTTPRequestHandler):
     files: dict[str, bytes] = {}  # path -> bytes
     packages: dict[int, tuple[str, bytes]] = {}  # Cityscapes packageID -> (name, bytes)
     corrupt_once: set[str] = set()  # paths served with flipped bytes the first time
+    cut_once: set[str] = set()  # paths whose first answer breaks off half-way (connection dropped)
+    no_range: set[str] = set()  # paths served whole (200) even when a Range is asked for
     requests: list[str] = []
+    ranges: list[str | None] = []
 
     def log_message(self, *args):  # keep test output clean
         pass
@@ -28,13 +31,25 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def _serve_bytes(self, data: bytes):
+    def _serve_bytes(self, data: bytes, path: str = ""):
         rng = self.headers.get("Range")
-        if rng:
+        Handler.ranges.append(rng)
+        if path in Handler.cut_once:
+            Handler.cut_once.discard(path)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[: len(data) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            return None
+        if rng and path not in Handler.no_range:
             start = int(rng.removeprefix("bytes=").split("-")[0])
             if start >= len(data):
                 return self._send(b"", 416)
-            return self._send(data[start:], 206, {"Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}"})
+            return self._send(
+                data[start:], 206, {"Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}"}
+            )
         return self._send(data)
 
     def do_GET(self):  # noqa: N802 - http.server API
@@ -45,7 +60,7 @@ class Handler(BaseHTTPRequestHandler):
             if url.path in Handler.corrupt_once:
                 Handler.corrupt_once.discard(url.path)
                 data = bytes(b ^ 0xFF for b in data)
-            return self._serve_bytes(data)
+            return self._serve_bytes(data, url.path)
         if url.path == "/login/":
             return self._send(b"<form>login</form>")
         if url.path in ("/file-handling/", "/md5-sum/"):
@@ -61,8 +76,11 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self):  # noqa: N802
         body = self.rfile.read(int(self.headers.get("Content-Length", 0))).decode()
         form = parse_qs(body)
-        if urlparse(self.path).path == "/login/" and form.get("username") == [USER] and form.get("password") == [
-                PASSWORD]:
+        if (
+            urlparse(self.path).path == "/login/"
+            and form.get("username") == [USER]
+            and form.get("password") == [PASSWORD]
+        ):
             return self._send(b"", 302, {"Location": "/", "Set-Cookie": "sessionid=ok123; Path=/"})
         return self._send(b"<form>Bad credentials</form>", 200)
 
@@ -70,6 +88,7 @@ class Handler(BaseHTTPRequestHandler):
 class LocalServer:
     def __init__(self):
         Handler.files, Handler.packages, Handler.corrupt_once, Handler.requests = {}, {}, set(), []
+        Handler.cut_once, Handler.no_range, Handler.ranges = set(), set(), []
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
