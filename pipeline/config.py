@@ -138,10 +138,14 @@ class TrainCfg:
     threads: int = 1  # torch intra-op threads per trial on CPU
     workers: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: bool = True  # bf16 autocast on CUDA only
-    channels_last: bool = True  # CUDA only
-    compile: bool = False
+    # The fast path, used on CUDA only (CPU runs ignore these): bf16 autocast, channels-last memory
+    # format, torch.compile (falls back to eager if compilation fails). Fused SGD/AdamW and foreach
+    # EMA are always on.
+    amp: bool = True
+    channels_last: bool = True
+    compile: bool = True
     log_images: int = 4  # prediction/ground-truth panels logged per trial
+    log_checkpoints: bool = False  # also upload best/last student weights as MLflow artifacts
 
     def validate(self, key: str) -> None:
         _check(self.epochs >= 1, f"{key}.epochs", "an integer >= 1", self.epochs)

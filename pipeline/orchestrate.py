@@ -180,11 +180,19 @@ def _trainable(config: dict, specs: dict[str, dict], tracking: dict[str, str], r
         flatten(spec.to_dict()),
     )
     ckpt = Path(tracking["exp_dir"]) / "cells" / spec.cell / "state.pt"
+    best_file, last_file = ckpt.with_name("best.pt"), ckpt.with_name("last.pt")
     resume = torch.load(ckpt, map_location="cpu", weights_only=False) if ckpt.exists() else None
+    best = {"miou": (resume or {}).get("best", {}).get("student", {}).get("miou", float("-inf"))}
     try:
 
         def on_epoch(epoch: int, metrics: dict[str, float], state: dict) -> None:
             run.log_metrics(metrics, step=epoch)
+            miou = metrics.get("val/miou_student")
+            if miou is not None and miou > best["miou"]:  # best student weights, for deployment/eval
+                best["miou"] = miou
+                ckpt.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(state["student"], best_file.with_suffix(".tmp"))
+                os.replace(best_file.with_suffix(".tmp"), best_file)
             ckpt.parent.mkdir(parents=True, exist_ok=True)
             torch.save(state, ckpt.with_suffix(".tmp"))
             os.replace(ckpt.with_suffix(".tmp"), ckpt)
@@ -200,7 +208,19 @@ def _trainable(config: dict, specs: dict[str, dict], tracking: dict[str, str], r
         panel = _predictions(student, spec)
         if panel is not None:
             run.log_png(panel, "eval/predictions.png")
-        run.set_tags({"checkpoint": str(ckpt)})
+        torch.save(student.state_dict(), last_file.with_suffix(".tmp"))
+        os.replace(last_file.with_suffix(".tmp"), last_file)
+        run.set_tags(
+            {
+                "checkpoint.state": str(ckpt),
+                "checkpoint.best": str(best_file),
+                "checkpoint.last": str(last_file),
+            }
+        )
+        if spec.train.log_checkpoints:
+            for f in (best_file, last_file):
+                if f.exists():
+                    run.log_file(f, "checkpoints")
         out = {
             "cell": spec.cell,
             "mlflow_run_id": run.run_id,
