@@ -128,6 +128,40 @@ def trial_resources(cluster: dict[str, float], cpus: float, gpus: float | None) 
     return {"cpu": cpus, "gpu": gpus}
 
 
+# The code whose change must retrain (the same files dvc.yaml lists as train deps).
+TRAINING_CODE = (
+    "config.py",
+    "model.py",
+    "train.py",
+    "evaluate.py",
+    "method",
+    "data/datasets.py",
+    "data/transforms.py",
+)
+
+
+def fingerprint(specs: list[TrialSpec]) -> str:
+    """Digest of the training code and of every split list the specs read.
+
+    Part of the Ray experiment's name, so a changed method or a rebuilt split never resumes
+    (or reuses the results of) an experiment made with the old ones.
+    """
+    h = hashlib.sha256()
+    pkg = Path(__file__).resolve().parent
+    for entry in TRAINING_CODE:
+        for f in sorted((pkg / entry).rglob("*.py")) if (pkg / entry).is_dir() else [pkg / entry]:
+            h.update(f.relative_to(pkg).as_posix().encode())
+            h.update(f.read_bytes())
+    for split_dir, split in sorted({(s.split_dir, s.split) for s in specs}):
+        for f in (
+            Path(split_dir) / split / "labeled.txt",
+            Path(split_dir) / split / "unlabeled.txt",
+            Path(split_dir) / "val.txt",
+        ):
+            h.update(f.read_bytes() if f.exists() else b"missing")
+    return h.hexdigest()[:10]
+
+
 def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
@@ -222,6 +256,7 @@ def _trainable(config: dict, specs: dict[str, dict], tracking: dict[str, str], r
                 if f.exists():
                     run.log_file(f, "checkpoints")
         out = {
+            "ray_experiment": tracking["experiment"],
             "cell": spec.cell,
             "mlflow_run_id": run.run_id,
             "ray_trial_id": trial_id,
@@ -310,7 +345,7 @@ def run_cells(
     uri = resolve_tracking_uri(params.paths.mlflow_uri, paths.root)
     exp_id = ensure_experiment(uri, f"dssn/{name}", paths.artifacts)
     spec_dicts = {s.cell: s.to_dict() for s in specs}
-    exp_name = f"{name}-{_hash([spec_dicts, None if search is None else search['id']])}"
+    exp_name = f"{name}-{_hash([spec_dicts, None if search is None else search['id'], fingerprint(specs)])}"
     exp_dir = paths.ray_results / exp_name
     exp_dir.mkdir(parents=True, exist_ok=True)
     commit = git_commit(paths.root)
@@ -327,10 +362,13 @@ def run_cells(
         },
     )
     runs_dir.mkdir(parents=True, exist_ok=True)
-    if search is None:
-        for stale in runs_dir.glob("*.json"):  # cells of an older definition of this study
-            if stale.stem not in spec_dicts:
-                stale.unlink()
+    for stale in runs_dir.glob("*.json"):  # results of another definition (params, code, splits)
+        try:
+            current = json.loads(stale.read_text()).get("ray_experiment") == exp_name
+        except (OSError, ValueError):
+            current = False
+        if not current or (search is None and stale.stem not in spec_dicts):
+            stale.unlink()
 
     tracking = {
         "uri": uri,

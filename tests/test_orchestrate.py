@@ -61,6 +61,17 @@ def _env(root: Path) -> dict[str, str]:
     return e
 
 
+def _train(root: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "train", "demo"],
+        cwd=root,
+        env=_env(root),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
 def _trial_runs(root: Path, study: str = "demo"):
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     exp = client.get_experiment_by_name(f"dssn/{study}")
@@ -72,14 +83,7 @@ def _trial_runs(root: Path, study: str = "demo"):
 def test_four_trials_run_concurrently(tmp_path):
     params = tiny_params(yaml.safe_load((REPO / "params.yaml").read_text()))
     root = _prepare(tmp_path, params)
-    out = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "train", "demo"],
-        cwd=root,
-        env=_env(root),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    out = _train(root)
     assert out.returncode == 0, out.stderr[-3000:]
     _, trials = _trial_runs(root)
     assert len(trials) == 4
@@ -111,17 +115,9 @@ def test_killed_study_resumes_without_repeating_or_duplicating(tmp_path):
     assert finished, "no trial finished before the deadline"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    subprocess.run(["pkill", "-9", "-f", f"ray.*{root}"], check=False)
     assert len(finished) < 4, "the study finished before it could be killed"
 
-    again = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "train", "demo"],
-        cwd=root,
-        env=_env(root),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    again = _train(root)
     assert again.returncode == 0, again.stderr[-3000:]
     now = {p.name: p.stat().st_mtime_ns for p in runs_dir.glob("*.json")}
     assert len(now) == 4
@@ -136,3 +132,22 @@ def test_killed_study_resumes_without_repeating_or_duplicating(tmp_path):
         assert r.info.status == "FINISHED"
         steps = [m.step for m in client.get_metric_history(r.info.run_id, "val/miou_student")]
         assert sorted(set(steps)) == list(range(1, 7))
+
+
+def test_fingerprint_follows_split_lists(tmp_path):
+    import dataclasses
+
+    from pipeline.orchestrate import fingerprint
+
+    params = load_params(REPO / "params.yaml")
+    spec = study_specs(params, "demo", REPO)[0]
+    split_dir = tmp_path / "splits"
+    (split_dir / spec.split).mkdir(parents=True)
+    for f, text in (("labeled.txt", "a a\n"), ("unlabeled.txt", "b b\n")):
+        (split_dir / spec.split / f).write_text(text)
+    (split_dir / "val.txt").write_text("c c\n")
+    spec = dataclasses.replace(spec, split_dir=str(split_dir))
+    before = fingerprint([spec])
+    assert fingerprint([spec]) == before
+    (split_dir / spec.split / "labeled.txt").write_text("a a\nd d\n")
+    assert fingerprint([spec]) != before  # a rebuilt split never reuses old results

@@ -28,6 +28,7 @@ from torchvision.datasets.utils import calculate_md5
 from tqdm import tqdm
 
 from pipeline.data.errors import DataError
+from pipeline.io import replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -199,21 +200,6 @@ def _extract_into(archive: Path, root: Path) -> None:
         raise DataError(f"{archive}: truncated or corrupt archive ({type(e).__name__}: {e})") from e
 
 
-def _replace_dir(tmp: Path, dest: Path) -> None:
-    """Swap a finished tmp folder in; the old one goes only after the new one is in place."""
-    old = None
-    if dest.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".old-{dest.name}-", dir=dest.parent))
-        os.replace(dest, old / "x")
-    try:
-        os.replace(tmp, dest)
-    except BaseException:
-        if old is not None:
-            os.replace(old / "x", dest)
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def _stamp(archives: Sequence[Path]) -> list[list]:
@@ -233,7 +219,7 @@ def _extract_all(archives: Sequence[Path], dest: Path) -> Path:
         for a in archives:
             _extract_into(Path(a), tmp)
         (tmp / _MARKER).write_text(json.dumps(_stamp(archives)))
-        _replace_dir(tmp, dest)
+        replace_dir(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -24,6 +24,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from pipeline.data.errors import DataError
+from pipeline.io import replace_dir
 
 IGNORE = 255
 # Cityscapes labelId -> trainId (cityscapesScripts helpers/labels.py); every other id -> 255.
@@ -135,21 +136,6 @@ def _tmp_for(out_dir: Path) -> Path:
     return tmp
 
 
-def _commit(tmp: Path, out_dir: Path) -> None:
-    """Swap tmp in; the previous output is deleted only after the new one is in place."""
-    old = None
-    if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".old-{out_dir.name}-", dir=out_dir.parent))
-        os.replace(out_dir, old / "x")
-    try:
-        os.replace(tmp, out_dir)
-    except BaseException:
-        if old is not None:
-            os.replace(old / "x", out_dir)
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_lines(path: Path, lines: Iterable[str]) -> None:
@@ -222,7 +208,7 @@ def prepare_voc(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _commit(tmp, out_dir)
+    replace_dir(tmp, out_dir)
     return counts
 
 
@@ -266,5 +252,5 @@ def prepare_cityscapes(cs_root: Path, out_dir: Path, link: bool = True, progress
         with contextlib.suppress(OSError):
             shutil.rmtree(tmp)
         raise
-    _commit(tmp, out_dir)
+    replace_dir(tmp, out_dir)
     return counts

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline.data.errors import DataError
+from pipeline.io import replace_dir
 
 PROTOCOLS = ("blended", "classic", "cityscapes", "random")
 SOURCES = ("generate", "official")
@@ -215,21 +216,6 @@ def _write_json(path: Path, obj: object) -> None:
     os.replace(tmp, path)
 
 
-def _swap_in(tmp: Path, out_dir: Path) -> None:
-    """Replace out_dir by tmp; the old tree is only removed once the new one is in place."""
-    old = None
-    if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".old-{out_dir.name}-", dir=out_dir.parent))
-        os.replace(out_dir, old / "x")
-    try:
-        os.replace(tmp, out_dir)
-    except BaseException:
-        if old is not None:
-            os.replace(old / "x", out_dir)
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def _official(official_root: Path, split: str) -> tuple[list[str], list[str]]:
@@ -324,7 +310,7 @@ def make_splits(
         if root is not None:
             check_files(val, f"{out_dir}/val.txt", root)
         write_list(tmp / "val.txt", val)
-        _swap_in(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -365,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{split}: {len(lab)} labeled, {len(unl)} unlabeled")
             if val is not None:
                 write_list(tmp / "val.txt", val)
-            _swap_in(tmp, args.out)
+            replace_dir(tmp, args.out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
