@@ -207,12 +207,16 @@ class MethodCfg:
 class RayCfg:
     num_cpus: int | None = None  # local cluster size; None = all cores. Ignored with RAY_ADDRESS.
     cpus_per_trial: float = 1.0
-    gpus_per_trial: float | None = None  # None = 1 if the cluster has GPUs else 0
+    gpus_per_trial: float | None = None  # None = 1 per worker if the cluster has GPUs else 0
+    workers_per_trial: int = 1  # > 1: DDP over that many workers (Ray Train); batch_l/batch_u stay global
     max_concurrent: int | None = None
     max_failures: int = 1
 
     def validate(self, key: str) -> None:
         _check(self.cpus_per_trial > 0, f"{key}.cpus_per_trial", "a float > 0", self.cpus_per_trial)
+        _check(
+            self.workers_per_trial >= 1, f"{key}.workers_per_trial", "an integer >= 1", self.workers_per_trial
+        )
         _check(
             self.gpus_per_trial is None or self.gpus_per_trial >= 0,
             f"{key}.gpus_per_trial",

@@ -20,6 +20,7 @@ import torch
 
 from pipeline.config import Params, flatten, merge, method_for_variant
 from pipeline.data.classes import class_names
+from pipeline.io import write_json
 from pipeline.train import TrialSpec, fit
 
 ROLE_KEYS = ("dssn.study", "dssn.cell", "ray.trial_id")
@@ -112,12 +113,14 @@ def connect_ray(num_cpus: int | None) -> dict[str, float]:
     return ray.cluster_resources()
 
 
-def trial_resources(cluster: dict[str, float], cpus: float, gpus: float | None) -> dict[str, float]:
+def trial_resources(
+    cluster: dict[str, float], cpus: float, gpus: float | None, workers: int = 1
+) -> dict[str, float]:
     """Per-trial request; asking for GPUs the cluster lacks fails now instead of pending forever."""
     have_gpu = cluster.get("GPU", 0.0)
     have_cpu = cluster.get("CPU", 0.0)
     if gpus is None:
-        gpus = 1.0 if have_gpu >= 1 else 0.0
+        gpus = float(workers) if have_gpu >= workers else 0.0
     if gpus > have_gpu:
         raise ResourceError(
             f"ray.gpus_per_trial = {gpus} but the Ray cluster has {have_gpu:g} GPU(s); "
@@ -125,6 +128,10 @@ def trial_resources(cluster: dict[str, float], cpus: float, gpus: float | None) 
         )
     if cpus > have_cpu:
         raise ResourceError(f"ray.cpus_per_trial = {cpus} but the Ray cluster has {have_cpu:g} CPU(s)")
+    if workers > 1 and gpus and gpus % workers:
+        raise ResourceError(
+            f"ray.gpus_per_trial = {gpus} must be a multiple of ray.workers_per_trial = {workers}"
+        )
     return {"cpu": cpus, "gpu": gpus}
 
 
@@ -166,16 +173,16 @@ def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
-def _trainable(config: dict, specs: dict[str, dict], tracking: dict[str, str], runs_dir: str) -> None:
-    """One Tune trial: fit one cell, mirror every epoch to MLflow and to the cell's checkpoint.
+def _trainable(
+    config: dict, specs: dict[str, dict], tracking: dict[str, str], runs_dir: str, workers: dict[str, Any]
+) -> None:
+    """One Tune trial = one cell; with `workers["n"]` > 1 it drives a DDP TorchTrainer of that many workers.
 
     Idempotent on its own, whatever Tune remembers: a cell whose result file exists returns at
     once; an unfinished cell resumes from `<experiment>/cells/<cell>/state.pt` and continues
     the MLflow run found by (experiment, cell), so a killed driver never duplicates work or runs.
     """
     from ray import tune
-
-    from pipeline.tracking import TrialRun, confusion_png
 
     spec = TrialSpec.from_dict(specs[config["cell"]])
     if "r" in config or "tau_low" in config:  # a sweep trial: CPLG parameters come from the search
@@ -185,54 +192,118 @@ def _trainable(config: dict, specs: dict[str, dict], tracking: dict[str, str], r
             cell=f"{spec.cell}-r{r:.4f}-t{tau:.4f}",
             method=merge(spec.method, {"r": r, "tau_low": tau}, "sweep"),
         )
-    result_file = Path(runs_dir) / f"{spec.cell}.json"
-    if result_file.exists():
+    if (Path(runs_dir) / f"{spec.cell}.json").exists():
         return
     trial_id = tune.get_context().get_trial_id()
-    tags = {
-        "dssn.study": spec.study,
-        "dssn.cell": spec.cell,
-        "dssn.dataset": spec.dataset_name,
-        "dssn.protocol": spec.protocol,
-        "dssn.split": spec.split,
-        "dssn.backbone": spec.model.backbone,
-        "dssn.variant": spec.variant,
-        "dssn.seed": str(spec.seed),
-        "ray.trial_id": trial_id,
-        "ray.experiment": tracking["experiment"],
-        "git.commit": tracking["git_commit"],
-        "dvc.stage": tracking["dvc_stage"],
-    }
-    info = split_info(Path(spec.split_dir), spec.split)
-    tags.update({"dssn.n_labeled": str(info["n_labeled"]), "dssn.n_train": str(info["n_train"])})
-    run = TrialRun(
-        tracking["uri"],
-        tracking["experiment_id"],
-        tracking["parent_id"],
-        f"{spec.study}/{spec.cell}",
-        tags,
-        flatten(spec.to_dict()),
+    if workers["n"] <= 1:
+        _run_cell(spec, trial_id, tracking, runs_dir, tune.report)
+        return
+
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    per_worker = {"CPU": workers["cpu"], **({"GPU": workers["gpu"]} if workers["gpu"] else {})}
+    TorchTrainer(
+        _ddp_worker,
+        train_loop_config={
+            "spec": spec.to_dict(),
+            "trial_id": trial_id,
+            "tracking": tracking,
+            "runs_dir": runs_dir,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=workers["n"], use_gpu=bool(workers["gpu"]), resources_per_worker=per_worker
+        ),
+        run_config=RunConfig(
+            name=f"{tracking['experiment']}-{spec.cell}",
+            storage_path=tracking["exp_dir"],
+            callbacks=[TuneReportCallback()],
+        ),
+    ).fit()
+
+
+def _ddp_worker(config: dict) -> None:
+    """One rank of a multi-GPU trial (Ray Train sets up the process group and the device)."""
+    import ray.train
+    import ray.train.torch
+
+    from pipeline.train import Dist
+
+    ctx = ray.train.get_context()
+    dist = Dist(ctx.get_world_rank(), ctx.get_world_size())
+    _run_cell(
+        TrialSpec.from_dict(config["spec"]),
+        config["trial_id"],
+        config["tracking"],
+        config["runs_dir"],
+        ray.train.report,
+        dist=dist,
+        device=ray.train.torch.get_device(),
     )
+
+
+def _run_cell(
+    spec: TrialSpec,
+    trial_id: str,
+    tracking: dict[str, str],
+    runs_dir: str,
+    report,
+    dist=None,
+    device: torch.device | None = None,
+) -> None:
+    """Fit one cell; rank 0 mirrors every epoch to MLflow and the cell's checkpoint, every rank reports."""
+    from pipeline.tracking import TrialRun, confusion_png
+    from pipeline.train import Dist
+
+    dist = dist or Dist()
+    result_file = Path(runs_dir) / f"{spec.cell}.json"
     ckpt = Path(tracking["exp_dir"]) / "cells" / spec.cell / "state.pt"
     best_file, last_file = ckpt.with_name("best.pt"), ckpt.with_name("last.pt")
     resume = torch.load(ckpt, map_location="cpu", weights_only=False) if ckpt.exists() else None
     best = {"miou": (resume or {}).get("best", {}).get("student", {}).get("miou", float("-inf"))}
+    run = None
+    if dist.main:
+        tags = {
+            "dssn.study": spec.study,
+            "dssn.cell": spec.cell,
+            "dssn.dataset": spec.dataset_name,
+            "dssn.protocol": spec.protocol,
+            "dssn.split": spec.split,
+            "dssn.backbone": spec.model.backbone,
+            "dssn.variant": spec.variant,
+            "dssn.seed": str(spec.seed),
+            "ray.trial_id": trial_id,
+            "ray.experiment": tracking["experiment"],
+            "ray.workers": str(dist.world),
+            "git.commit": tracking["git_commit"],
+            "dvc.stage": tracking["dvc_stage"],
+        }
+        info = split_info(Path(spec.split_dir), spec.split)
+        tags.update({"dssn.n_labeled": str(info["n_labeled"]), "dssn.n_train": str(info["n_train"])})
+        run = TrialRun(
+            tracking["uri"],
+            tracking["experiment_id"],
+            tracking["parent_id"],
+            f"{spec.study}/{spec.cell}",
+            tags,
+            flatten(spec.to_dict()),
+        )
     try:
 
         def on_epoch(epoch: int, metrics: dict[str, float], state: dict) -> None:
-            run.log_metrics(metrics, step=epoch)
-            miou = metrics.get("val/miou_student")
-            if miou is not None and miou > best["miou"]:  # best student weights, for deployment/eval
-                best["miou"] = miou
-                ckpt.parent.mkdir(parents=True, exist_ok=True)
-                torch.save(state["student"], best_file.with_suffix(".tmp"))
-                os.replace(best_file.with_suffix(".tmp"), best_file)
-            ckpt.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(state, ckpt.with_suffix(".tmp"))
-            os.replace(ckpt.with_suffix(".tmp"), ckpt)
-            tune.report({k: v for k, v in metrics.items() if not k.startswith(("val_class", "pseudo_kept"))})
+            if run is not None:
+                run.log_metrics(metrics, step=epoch)
+                miou = metrics.get("val/miou_student")
+                if miou is not None and miou > best["miou"]:  # best student weights
+                    best["miou"] = miou
+                    _save(state["student"], best_file)
+                _save(state, ckpt)
+            report({k: v for k, v in metrics.items() if not k.startswith(("val_class", "pseudo_kept"))})
 
-        summary = fit(spec, on_epoch, resume)
+        summary = fit(spec, on_epoch, resume, dist=dist, device=device)
+        if run is None:
+            return
         student, confusion = summary.pop("_student"), summary.pop("_confusion")
         run.log_metrics(summary, step=int(summary["final/epochs"]))
         run.log_json(spec.to_dict(), "config/resolved.json")
@@ -242,8 +313,7 @@ def _trainable(config: dict, specs: dict[str, dict], tracking: dict[str, str], r
         panel = _predictions(student, spec)
         if panel is not None:
             run.log_png(panel, "eval/predictions.png")
-        torch.save(student.state_dict(), last_file.with_suffix(".tmp"))
-        os.replace(last_file.with_suffix(".tmp"), last_file)
+        _save(student.state_dict(), last_file)
         run.set_tags(
             {
                 "checkpoint.state": str(ckpt),
@@ -266,19 +336,25 @@ def _trainable(config: dict, specs: dict[str, dict], tracking: dict[str, str], r
             "backbone": spec.model.backbone,
             "method.r": spec.method.r,
             "method.tau_low": spec.method.tau_low,
+            "checkpoint_best": str(best_file),
             **{k: v for k, v in summary.items() if not k.startswith("final/iou_")},
         }
-        result_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = result_file.with_name(f".{result_file.name}.tmp")
-        tmp.write_text(json.dumps(out, indent=2, sort_keys=True))
-        os.replace(tmp, result_file)
+        write_json(result_file, out)
         run.finish("FINISHED")
     except SystemExit:  # Tune stopped the trial (an ASHA decision): not a failure
-        run.finish("KILLED")
+        if run is not None:
+            run.finish("KILLED")
         raise
     except BaseException:
-        run.finish("FAILED")
+        if run is not None:
+            run.finish("FAILED")
         raise
+
+
+def _save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(obj, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)
 
 
 def _predictions(student: torch.nn.Module, spec: TrialSpec) -> np.ndarray | None:
@@ -340,7 +416,22 @@ def run_cells(
     for spec in specs:  # fail before starting Ray when a split is missing
         split_info(Path(spec.split_dir), spec.split)
     cluster = connect_ray(params.ray.num_cpus)
-    resources = trial_resources(cluster, params.ray.cpus_per_trial, params.ray.gpus_per_trial)
+    n_workers = params.ray.workers_per_trial
+    resources = trial_resources(cluster, params.ray.cpus_per_trial, params.ray.gpus_per_trial, n_workers)
+    for spec in specs:
+        if spec.train.batch_l % n_workers or spec.train.batch_u % n_workers:
+            raise ResourceError(
+                f"{spec.cell}: batch {spec.train.batch_l}+{spec.train.batch_u} cannot be split "
+                f"over ray.workers_per_trial = {n_workers} workers"
+            )
+    workers = {"n": n_workers, "cpu": resources["cpu"] / n_workers, "gpu": resources["gpu"] / n_workers}
+    max_concurrent = params.ray.max_concurrent
+    if n_workers > 1:  # the trial itself only drives its workers; cap trials by what the workers need
+        fits = int(cluster.get("CPU", 0) // resources["cpu"])
+        if resources["gpu"]:
+            fits = min(fits, int(cluster.get("GPU", 0) // resources["gpu"]))
+        max_concurrent = max(1, min(max_concurrent or fits, fits))
+        resources = {"cpu": 0.01, "gpu": 0}
 
     uri = resolve_tracking_uri(params.paths.mlflow_uri, paths.root)
     exp_id = ensure_experiment(uri, f"dssn/{name}", paths.artifacts)
@@ -380,7 +471,9 @@ def run_cells(
         "exp_dir": str(exp_dir),
     }
     trainable = tune.with_resources(
-        tune.with_parameters(_trainable, specs=spec_dicts, tracking=tracking, runs_dir=str(runs_dir)),
+        tune.with_parameters(
+            _trainable, specs=spec_dicts, tracking=tracking, runs_dir=str(runs_dir), workers=workers
+        ),
         resources,
     )
     if tune.Tuner.can_restore(str(exp_dir)):
@@ -388,7 +481,7 @@ def run_cells(
     else:
         if search is None:
             space = {"cell": tune.grid_search(sorted(spec_dicts))}
-            tune_cfg = tune.TuneConfig(max_concurrent_trials=params.ray.max_concurrent)
+            tune_cfg = tune.TuneConfig(max_concurrent_trials=max_concurrent)
         else:
             space = {"cell": sorted(spec_dicts)[0], **search["space"]}  # searchers take no grid axes
             tune_cfg = tune.TuneConfig(
@@ -397,7 +490,7 @@ def run_cells(
                 num_samples=search["num_samples"],
                 scheduler=search.get("scheduler"),
                 search_alg=search.get("search_alg"),
-                max_concurrent_trials=params.ray.max_concurrent,
+                max_concurrent_trials=max_concurrent,
             )
         tuner = tune.Tuner(
             trainable,

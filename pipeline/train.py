@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from pipeline.config import DatasetCfg, MethodCfg, ModelCfg, TrainCfg, build, to_dict
 from pipeline.data.datasets import SegList
@@ -63,12 +63,30 @@ def pick_device(cfg: TrainCfg) -> torch.device:
     return torch.device("cpu")
 
 
-def _loader(ds: SegList, batch: int, seed: int, cfg: TrainCfg, device: torch.device) -> DataLoader:
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a DDP group (Ray Train sets the process group up)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _loader(
+    ds: SegList, batch: int, seed: int, cfg: TrainCfg, device: torch.device, dist: Dist = Dist()
+) -> DataLoader:
     g = torch.Generator().manual_seed(seed)
+    if dist.world > 1:  # each rank a disjoint shard of the same seeded permutation, as the reference
+        sampler = DistributedSampler(ds, num_replicas=dist.world, rank=dist.rank, shuffle=True, seed=seed)
+    else:
+        sampler = RandomSampler(ds, generator=g)
     return DataLoader(
         ds,
         batch_size=batch,
-        sampler=RandomSampler(ds, generator=g),
+        sampler=sampler,
         drop_last=True,
         num_workers=cfg.workers,
         pin_memory=device.type == "cuda",
@@ -111,12 +129,21 @@ class Trainer:
     """
 
     def __init__(
-        self, model_cfg: ModelCfg, cfg: TrainCfg, mcfg: MethodCfg, num_classes: int, device: torch.device
+        self,
+        model_cfg: ModelCfg,
+        cfg: TrainCfg,
+        mcfg: MethodCfg,
+        num_classes: int,
+        device: torch.device,
+        ddp: bool = False,
     ):
         self.cfg, self.mcfg, self.device = cfg, mcfg, device
-        self.student = build_model(model_cfg, num_classes).to(device)
-        self.teacher = make_teacher(self.student) if (mcfg.use_unlabeled and mcfg.teacher) else None
         cuda = device.type == "cuda"
+        student = build_model(model_cfg, num_classes)
+        if ddp and cuda:  # one BN statistic over the whole global batch, like the reference's SyncBN
+            student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
+        self.student = student.to(device)
+        self.teacher = make_teacher(self.student) if (mcfg.use_unlabeled and mcfg.teacher) else None
         if cuda and cfg.channels_last:
             self.student = self.student.to(memory_format=torch.channels_last)
             if self.teacher is not None:
@@ -135,9 +162,13 @@ class Trainer:
             self.sup_loss = supervised_ce
         self.autocast = cuda and cfg.amp
         self.step_model: torch.nn.Module = self.student
+        if ddp:  # gradients all-reduced across the trial's workers
+            self.step_model = torch.nn.parallel.DistributedDataParallel(
+                self.student, device_ids=[device.index] if cuda else None, broadcast_buffers=False
+            )
         self.compiled = False
         if cfg.compile and cuda:
-            self.step_model, self.compiled = torch.compile(self.student), True
+            self.step_model, self.compiled = torch.compile(self.step_model), True
 
     def _forward(self, b: Batch, gen: torch.Generator, first: bool):
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
@@ -155,7 +186,7 @@ class Trainer:
             if not self.compiled:
                 raise
             print(f"torch.compile failed ({type(e).__name__}: {e}); falling back to eager")
-            self.step_model, self.compiled = self.student, False
+            self.step_model, self.compiled = getattr(self.step_model, "_orig_mod", self.student), False
             loss, stats = self._forward(b, gen, iteration == 0)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -169,11 +200,27 @@ class Trainer:
         return loss.detach(), stats
 
 
-def fit(spec: TrialSpec, on_epoch: EpochCallback | None = None, resume: dict | None = None) -> dict[str, Any]:
-    """Train one trial; returns the final summary. `resume` is a state from a previous `on_epoch`."""
+def fit(
+    spec: TrialSpec,
+    on_epoch: EpochCallback | None = None,
+    resume: dict | None = None,
+    dist: Dist = Dist(),
+    device: torch.device | None = None,
+) -> dict[str, Any]:
+    """Train one trial; returns the final summary. `resume` is a state from a previous `on_epoch`.
+
+    With `dist.world` > 1 (a DDP worker) each rank sees 1/world of every batch and rank 0 alone
+    evaluates; `spec.train.batch_*` stay the global batch sizes.
+    """
     t0 = time.time()
     cfg, mcfg = spec.train, spec.method
-    device = pick_device(cfg)
+    device = device or pick_device(cfg)
+    if cfg.batch_l % dist.world or cfg.batch_u % dist.world:
+        raise ValueError(
+            f"train.batch_l/batch_u ({cfg.batch_l}/{cfg.batch_u}) must be divisible by the "
+            f"{dist.world} workers of a trial"
+        )
+    batch_l, batch_u = cfg.batch_l // dist.world, cfg.batch_u // dist.world
     if device.type == "cpu":
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(spec.seed)
@@ -187,7 +234,7 @@ def fit(spec: TrialSpec, on_epoch: EpochCallback | None = None, resume: dict | N
     iters = cfg.iters_per_epoch or len(unl) // cfg.batch_u
     total = iters * cfg.epochs
 
-    tr = Trainer(spec.model, cfg, mcfg, k, device)
+    tr = Trainer(spec.model, cfg, mcfg, k, device, ddp=dist.world > 1)
     student, teacher, opt = tr.student, tr.teacher, tr.opt
 
     state = {"epoch": 0, "iteration": 0, "history": [], "best": {}}
@@ -204,18 +251,12 @@ def fit(spec: TrialSpec, on_epoch: EpochCallback | None = None, resume: dict | N
     metrics: dict[str, float] = {}
 
     for epoch in range(state["epoch"], cfg.epochs):
-        gen.manual_seed(spec.seed * 100_003 + epoch)
-        it_l = _cycle(_loader(lab, cfg.batch_l, spec.seed * 1000 + epoch, cfg, device))
-        it_u = (
-            _cycle(_loader(unl, cfg.batch_u, spec.seed * 1000 + epoch + 1, cfg, device))
-            if mcfg.use_unlabeled
-            else None
-        )
-        it_m = (
-            _cycle(_loader(unl, cfg.batch_u, spec.seed * 1000 + epoch + 7, cfg, device))
-            if mcfg.use_unlabeled
-            else None
-        )
+        gen.manual_seed(spec.seed * 100_003 + epoch * 101 + dist.rank)  # own augmentation draws per rank
+        it_l = _cycle(_loader(lab, batch_l, spec.seed * 1000 + epoch, cfg, device, dist))
+        it_u = it_m = None
+        if mcfg.use_unlabeled:
+            it_u = _cycle(_loader(unl, batch_u, spec.seed * 1000 + epoch + 1, cfg, device, dist))
+            it_m = _cycle(_loader(unl, batch_u, spec.seed * 1000 + epoch + 7, cfg, device, dist))
         student.train()
         if teacher is not None:
             teacher.train(epoch == 0)  # reference quirk: train-mode BN in epoch 0, eval mode afterwards
@@ -252,7 +293,7 @@ def fit(spec: TrialSpec, on_epoch: EpochCallback | None = None, resume: dict | N
                 epoch_metrics[f"pseudo_kept/{name}"] = pl_kept[c].item() / p if p else float("nan")
         state["epoch"] = epoch + 1
         last = epoch + 1 == cfg.epochs
-        if (epoch + 1) % cfg.eval_every == 0 or last:
+        if dist.main and ((epoch + 1) % cfg.eval_every == 0 or last):
             for who, model in (("student", student), ("teacher", teacher)):
                 if model is None:
                     continue

@@ -151,3 +151,22 @@ def test_fingerprint_follows_split_lists(tmp_path):
     assert fingerprint([spec]) == before
     (split_dir / spec.split / "labeled.txt").write_text("a a\nd d\n")
     assert fingerprint([spec]) != before  # a rebuilt split never reuses old results
+
+
+@pytest.mark.slow
+def test_ddp_trial_with_two_workers(tmp_path):
+    """ray.workers_per_trial = 2: a Ray Train TorchTrainer (gloo on CPU) inside the Tune trial."""
+    params = tiny_params(yaml.safe_load((REPO / "params.yaml").read_text()))
+    params["ray"].update(workers_per_trial=2, cpus_per_trial=1.0)
+    demo = params["studies"]["demo"]
+    demo.update(splits=["1_4"], variants=["dssn"])
+    demo["overrides"]["train"].update(batch_l=4, batch_u=4)  # 2 + 2 per worker (BN needs > 1 sample)
+    root = _prepare(tmp_path, params)
+    out = _train(root)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    client, trials = _trial_runs(root)
+    assert len(trials) == 1 and trials[0].info.status == "FINISHED"
+    assert trials[0].data.tags["ray.workers"] == "2"
+    steps = [m.step for m in client.get_metric_history(trials[0].info.run_id, "val/miou_student")]
+    assert steps == [1, 2]
+    assert (root / "results/runs/demo/1_4-resnet18-dssn-s0.json").exists()
