@@ -91,3 +91,9 @@ def test_variants_are_flags_of_one_method():
     assert method_for_variant(params.method, "t5_high").con_img is False
     assert method_for_variant(params.method, "f4_fixed092").threshold == 0.92
     assert set(VARIANTS) >= {"supervised", "unimatch", "dssn", "t4_plain", "t4_contrastive", "t4_cplg"}
+
+
+@pytest.mark.parametrize("name", ["paper.yaml", "evidence.yaml"])
+def test_shipped_configs_validate(name):
+    params = load_params(REPO / "configs" / name)
+    assert params.studies
