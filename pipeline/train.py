@@ -6,6 +6,7 @@ the orchestrator turns into Tune reports, MLflow metrics and checkpoints.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import time
@@ -244,6 +245,7 @@ def fit(
             teacher.load_state_dict(resume["teacher"])
         opt.load_state_dict(resume["optimizer"])
         state = {k_: resume[k_] for k_ in ("epoch", "iteration", "history", "best")}
+        state["last_eval"] = resume.get("last_eval", {})  # a trial killed after its last epoch
 
     val_loader = DataLoader(val, batch_size=cfg.eval_batch, shuffle=False, num_workers=cfg.workers)
     gen = torch.Generator()  # CPU: augmentation/box parameters are scalars drawn on the host, no device sync
@@ -317,7 +319,7 @@ def fit(
                 "student": student.state_dict(),
                 "teacher": teacher.state_dict() if teacher is not None else None,
                 "optimizer": opt.state_dict(),
-                **state,
+                **copy.deepcopy(state),  # a snapshot: later epochs must not alter it
                 "spec": spec.to_dict(),
             }
             on_epoch(epoch + 1, epoch_metrics, ckpt)

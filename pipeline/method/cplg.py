@@ -1,8 +1,10 @@
 """Pseudo-label selection: CPLG (class-wise, per image) and a fixed confidence threshold.
 
 CPLG as the released code implements it (the paper's Eq. 21 is missing; dssn-method.md §2):
-per image and class j, m_j = max over all pixels of p_j; a class with m_j <= tau_low gives no
-pseudo-label in that image; otherwise a pixel whose argmax is j is kept iff p_j > r * m_j.
+per image n and class j, m[n, j] = max over all H*W pixels of p_j (padding and pasted CutMix
+region included); a class with m <= tau_low gives no pseudo-label in that image; otherwise a pixel
+whose argmax is j is kept iff p_j > r * m[n, j]. Effective thresholds therefore lie in
+(r * tau_low, r], i.e. they can be below tau_low; it is not max(r * m, tau_low).
 """
 
 from __future__ import annotations
@@ -11,38 +13,54 @@ import torch
 from torch import Tensor
 
 
+def _drop_ignored(keep: Tensor, ignore: Tensor | None) -> Tensor:
+    # `.bool()` so a 0/1 integer map cannot be bit-inverted into -1/-2 by `~`.
+    return keep if ignore is None else keep & ~ignore.bool()
+
+
+def _upcast(prob: Tensor) -> Tensor:
+    return prob.float() if prob.dtype in (torch.float16, torch.bfloat16) else prob
+
+
 def cplg_mask(
     prob: Tensor, r: float = 0.96, tau_low: float = 0.92, ignore: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    """(labels int64 (N,H,W), keep bool (N,H,W)) from softmax probabilities (N,C,H,W)."""
-    conf, labels = prob.max(dim=1)
-    cmax = prob.flatten(2).amax(dim=2)  # (N, C): per image, over every pixel (padding included)
+    """(labels int64 (N,H,W), keep bool (N,H,W)) from softmax probabilities (N,C,H,W).
+
+    Only the argmax class is tested: with the defaults every usable threshold exceeds 0.5, so this is
+    identical to the reference's "count classes above their threshold". Half/bf16 maps (autocast)
+    are upcast so the 0.96 * max comparison is not quantised. Fully on-device, no host sync.
+    """
+    prob = _upcast(prob)
+    conf, labels = prob.max(dim=1)  # ties resolve to the lowest class index
+    cmax = prob.flatten(2).amax(dim=2)  # (N, C): per image, over every pixel
+    # A gated-out class gets +inf, so the strict test below can never pass for it.
     thresh = torch.where(cmax > tau_low, r * cmax, torch.full_like(cmax, float("inf")))
-    keep = conf > thresh.gather(1, labels.flatten(1)).view_as(conf)
-    if ignore is not None:
-        keep &= ~ignore
-    return labels, keep
+    pix_thresh = thresh.gather(1, labels.flatten(1)).view_as(conf)
+    keep = conf > pix_thresh
+    return labels, _drop_ignored(keep, ignore)
 
 
 def fixed_threshold_mask(
     prob: Tensor, threshold: float = 0.95, inclusive: bool = True, ignore: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    """UniMatch-style selection: keep a pixel when its max probability reaches `threshold` (>=)."""
-    conf, labels = prob.max(dim=1)
+    """UniMatch-style selection; UniMatch keeps a pixel when its max probability is >= threshold."""
+    conf, labels = _upcast(prob).max(dim=1)
     keep = conf >= threshold if inclusive else conf > threshold
-    if ignore is not None:
-        keep &= ~ignore
-    return labels, keep
+    return labels, _drop_ignored(keep, ignore)
 
 
 def keep_ratio_per_class(
     labels: Tensor, keep: Tensor, num_classes: int, valid: Tensor | None = None
 ) -> Tensor:
-    """Per class: kept pixels / pixels predicted as that class (NaN where a class is never predicted)."""
-    valid = torch.ones_like(keep) if valid is None else valid
+    """Per class: kept / predicted pixels (among `valid`), to see which classes CPLG starves.
+
+    NaN where a class is never predicted, so averages over classes can skip it (nanmean).
+    """
+    valid = torch.ones_like(keep, dtype=torch.bool) if valid is None else valid.bool()
     flat = labels.flatten()
-    pred = torch.zeros(num_classes, device=labels.device).index_add_(0, flat, valid.flatten().float())
+    predicted = torch.zeros(num_classes, device=labels.device).index_add_(0, flat, valid.flatten().float())
     kept = torch.zeros(num_classes, device=labels.device).index_add_(
-        0, flat, (keep & valid).flatten().float()
+        0, flat, (keep.bool() & valid).flatten().float()
     )
-    return torch.where(pred > 0, kept / pred.clamp(min=1), torch.full_like(pred, float("nan")))
+    return torch.where(predicted > 0, kept / predicted.clamp(min=1), torch.full_like(predicted, float("nan")))

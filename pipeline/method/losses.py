@@ -6,55 +6,76 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+CONSISTENCY_MODES = ("zscore_mse", "raw_l2")
+
 
 def masked_ce(logits: Tensor, target: Tensor, keep: Tensor, valid: Tensor) -> Tensor:
-    """Sum of CE over kept & valid pixels / number of valid pixels (rejected pixels still dilute it)."""
-    safe = target.masked_fill(~valid | (target >= logits.shape[1]) | (target < 0), 0)
+    """Sum of CE over kept & valid pixels / number of valid pixels (spec §3).
+
+    The reference divides by the valid count, not the kept count, so rejected pixels still dilute
+    the loss. Targets outside [0, C) (e.g. 255 padding) are replaced before CE and never counted
+    in the numerator. No valid pixel -> 0 that still carries a graph.
+    """
+    num_classes = logits.shape[1]
+    valid = valid.bool()
+    in_range = (target >= 0) & (target < num_classes)
+    safe = torch.where(in_range, target, torch.zeros_like(target))
     ce = F.cross_entropy(logits.float(), safe, reduction="none")
-    n_valid = valid.sum()
-    return (ce * (keep & valid)).sum() / n_valid.clamp(min=1)
+    used = keep.bool() & valid & in_range
+    # where(), not multiply: a non-finite CE at an unused pixel must not turn the sum into NaN.
+    total = torch.where(used, ce, torch.zeros_like(ce)).sum()
+    return total / valid.sum().clamp(min=1)
 
 
 def supervised_ce(logits: Tensor, target: Tensor, ignore_index: int = 255) -> Tensor:
-    return F.cross_entropy(logits.float(), target, ignore_index=ignore_index)
+    """Mean CE over non-ignored pixels; 0 (with a graph) instead of NaN when every pixel is ignored."""
+    ce_sum = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="sum")
+    return ce_sum / (target != ignore_index).sum().clamp(min=1)
 
 
 def ohem_ce(
     logits: Tensor, target: Tensor, thresh: float = 0.7, min_kept: int = 100_000, ignore_index: int = 255
 ) -> Tensor:
-    """Online hard example mining CE (CPS/TorchSemiSeg rule): train on the hardest pixels.
+    """Online hard example mining CE (CPS/TorchSemiSeg rule, spec §6.3): train on the hardest pixels.
 
-    Among valid pixels take the softmax probability of the ground-truth class. With more than
-    `min_kept` valid pixels, the threshold is max(thresh, min_kept-th smallest probability) and
-    only pixels at or below it are kept; otherwise every valid pixel is kept.
+    Among valid pixels take the softmax probability of the ground-truth class. If #valid < min_kept
+    every valid pixel is kept; otherwise threshold = max(thresh, min_kept-th smallest probability)
+    and pixels with probability <= threshold are kept. Then a plain mean CE over the kept pixels.
+
+    Written without a host sync: invalid pixels get probability 1 (as in the reference), so the
+    k-th smallest over all pixels (k = min(min_kept, #pixels)) equals the k-th smallest valid one
+    when #valid >= min_kept, and is >= every valid probability otherwise (= keep all valid).
     """
     valid = target != ignore_index
-    n_valid = int(valid.sum())
-    target = target.clone()
-    if min_kept < n_valid and n_valid > 0:
-        prob = logits.float().softmax(1)
-        gt_prob = prob.gather(1, target.masked_fill(~valid, 0).unsqueeze(1)).squeeze(1)
-        gt_prob = gt_prob.masked_fill(~valid, 1.0)
-        kth = (
-            gt_prob[valid].flatten().kthvalue(max(min_kept, 1)).values
-            if min_kept > 0
-            else gt_prob.new_tensor(0)
-        )
-        threshold = torch.maximum(kth, gt_prob.new_tensor(thresh))
-        target[valid & (gt_prob > threshold)] = ignore_index
-    return F.cross_entropy(logits.float(), target, ignore_index=ignore_index)
+    with torch.no_grad():
+        prob = logits.detach().float().softmax(1)
+        safe = torch.where(valid, target, torch.zeros_like(target))
+        gt_prob = prob.gather(1, safe.unsqueeze(1)).squeeze(1).masked_fill(~valid, 1.0)
+        if min_kept > 0:
+            k = min(min_kept, gt_prob.numel())
+            kth = gt_prob.flatten().kthvalue(k).values
+            threshold = torch.clamp(kth, min=thresh)
+        else:  # reference: no min_kept -> the plain probability threshold
+            threshold = gt_prob.new_tensor(thresh)
+        kept = valid & (gt_prob <= threshold)
+    ce = F.cross_entropy(logits.float(), safe, reduction="none")
+    return torch.where(kept, ce, torch.zeros_like(ce)).sum() / kept.sum().clamp(min=1)
 
 
 def zscore(logits: Tensor, dim: int = 1) -> Tensor:
-    """Standardise each pixel's logit vector across classes (unbiased std, as the code does)."""
+    """Standardise each pixel's logit vector across classes; unbiased std, no epsilon, as the code."""
     return (logits - logits.mean(dim=dim, keepdim=True)) / logits.std(dim=dim, keepdim=True)
 
 
 def consistency_loss(a: Tensor, b: Tensor, mode: str = "zscore_mse") -> Tensor:
-    """The paper's "contrastive" term between two views' logits; gradients flow to both."""
+    """The paper's "contrastive" term between two views' logits; gradients flow to both (no stop-grad).
+
+    "zscore_mse" (released code): mean over N*C*H*W of (z(a) - z(b))^2.
+    "raw_l2" (paper): per pixel squared L2 over classes, summed over pixels / (W*H), batch mean.
+    """
+    if mode not in CONSISTENCY_MODES:
+        raise ValueError(f"unknown consistency mode {mode!r}; expected one of {CONSISTENCY_MODES}")
     a, b = a.float(), b.float()
-    if mode == "zscore_mse":  # the released code
-        return F.mse_loss(zscore(a), zscore(b))
-    if mode == "raw_l2":  # the paper: squared L2 over classes / (W*H), batch-averaged
-        return ((a - b) ** 2).sum(dim=1).mean()
-    raise ValueError(f"method.con_mode must be 'zscore_mse' or 'raw_l2', got {mode!r}")
+    if mode == "zscore_mse":
+        return (zscore(a) - zscore(b)).pow(2).mean()
+    return (a - b).pow(2).sum(dim=1).mean()

@@ -1,0 +1,49 @@
+"""The training loop on a tiny embedded dataset: epochs, evaluation, checkpoint and resume."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import yaml
+
+from pipeline.config import load_params
+from pipeline.orchestrate import study_specs
+from pipeline.train import fit
+from tests.conftest import REPO
+from tests.test_e2e_dvc import tiny_params
+from tests.test_orchestrate import _prepare
+
+
+@pytest.fixture(scope="module")
+def spec(tmp_path_factory):
+    root = _prepare(
+        tmp_path_factory.mktemp("train"), tiny_params(yaml.safe_load((REPO / "params.yaml").read_text()))
+    )
+    params = load_params(root / "params.yaml")
+    s = next(s for s in study_specs(params, "demo", root) if s.variant == "dssn" and s.split == "1_4")
+    return dataclasses.replace(s, train=dataclasses.replace(s.train, epochs=2, iters_per_epoch=2))
+
+
+def test_fit_reports_every_epoch_and_summarises(spec):
+    seen = []
+    summary = fit(spec, lambda e, m, s: seen.append((e, m, s)))
+    assert [e for e, _, _ in seen] == [1, 2]
+    assert summary["final/steps"] == 4 and summary["final/epochs"] == 2
+    last = seen[-1][1]
+    assert summary["final/miou_student_last"] == last["val/miou_student"]
+    assert summary["final/miou_best"] == max(
+        max(m["val/miou_student"], m["val/miou_teacher"]) for _, m, _ in seen
+    )
+    assert 0 <= last["train/mask_ratio"] <= 1 and "pseudo_kept/disc" in last
+
+
+def test_resume_mid_run_and_after_the_last_epoch(spec):
+    states = []
+    full = fit(spec, lambda e, m, s: states.append(s))
+    resumed = []
+    out = fit(spec, lambda e, m, s: resumed.append(e), resume=states[0])
+    assert resumed == [2] and out["final/steps"] == 4  # continued from epoch 1, did not restart
+    done = fit(spec, None, resume=states[-1])  # killed after its last epoch: nothing left to train
+    assert done["final/miou_student_last"] == full["final/miou_student_last"]
+    assert done["final/steps"] == 4
