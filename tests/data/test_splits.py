@@ -23,6 +23,10 @@ from pipeline.data.splits import (
 REPO = Path(__file__).resolve().parents[2]
 
 
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline.data.splits", *args], capture_output=True, text=True)
+
+
 def line(i: str) -> str:
     return f"JPEGImages/{i}.jpg SegmentationClass/{i}.png"
 
@@ -268,23 +272,7 @@ def test_cli(tmp_path):
     )
     assert read_list(out / "1_16" / "labeled.txt") == ["x000", "x016"]
     assert json.loads((out / "1_8" / "split.json").read_text())["n_labeled"] == 4
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline.data.splits",
-            "--ids",
-            str(ids),
-            "--splits",
-            "1_x",
-            "--out",
-            str(out),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    r = _cli("--ids", str(ids), "--splits", "1_x", "--out", str(out))
     assert r.returncode == 2 and "'1_x'" in r.stderr
     assert read_list(out / "1_16" / "labeled.txt") == ["x000", "x016"]  # untouched
     assert main(["--ids", str(tmp_path / "nope.txt"), "--splits", "1_2", "--out", str(out)]) == 2
@@ -331,37 +319,9 @@ def test_missing_file_named_in_a_list(tmp_path):
 def test_cli_builds_splits_from_any_id_list(tmp_path):
     ids = tmp_path / "ids.txt"
     ids.write_text("c\na\nb\nd\n")
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline.data.splits",
-            "--ids",
-            str(ids),
-            "--splits",
-            "1_2",
-            "--out",
-            str(tmp_path / "s"),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    out = _cli("--ids", str(ids), "--splits", "1_2", "--out", str(tmp_path / "s"))
     assert out.returncode == 0, out.stderr
     assert read_list(tmp_path / "s" / "1_2" / "labeled.txt") == ["a", "c"]
     assert read_list(tmp_path / "s" / "1_2" / "unlabeled.txt") == ["b", "d"]
-    bad = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline.data.splits",
-            "--ids",
-            str(ids),
-            "--splits",
-            "1_0",
-            "--out",
-            str(tmp_path / "s"),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    bad = _cli("--ids", str(ids), "--splits", "1_0", "--out", str(tmp_path / "s"))
     assert bad.returncode == 2 and "1_0" in bad.stderr
