@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from pipeline.config import ConfigError, Params, load_params
+from pipeline.io import write_json
 
 
 def _root() -> Path:
@@ -72,7 +73,7 @@ def cmd_fetch(params: Params, root: Path, name: str) -> None:
             raw, extracted=_opt(src.extracted, root), archives=_archives(src.archive, root), **kw
         )
         source = {"cityscapes_root": _rel(cs, root)}
-    _write_json(raw / "source.json", {"kind": ds.kind, **source})
+    write_json(raw / "source.json", {"kind": ds.kind, **source})
     print(f"fetch {name}: {json.dumps(source)}")
 
 
@@ -86,12 +87,6 @@ def _archives(spec: str | None, root: Path) -> dict[str, Path] | None:
         return None
     folder = (root / spec).resolve()
     return {z: folder / z for z in ("gtFine_trainvaltest.zip", "leftImg8bit_trainvaltest.zip")}
-
-
-def _write_json(path: Path, obj: object) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def cmd_prepare(params: Params, root: Path, name: str) -> None:
@@ -117,6 +112,7 @@ def cmd_splits(params: Params, root: Path, name: str) -> None:
     import shutil
 
     from pipeline.data.splits import make_splits
+    from pipeline.io import replace_dir
 
     ds = _dataset(params, name)
     prepared = root / params.paths.data / "prepared" / name
@@ -135,7 +131,7 @@ def cmd_splits(params: Params, root: Path, name: str) -> None:
                 official_root=_opt(sp.official_root, root),
                 root=prepared,
             )
-            for split, meta in info.get("splits", info).items():
+            for split, meta in info.items():
                 print(
                     f"splits {name}/{protocol}/{split}: {meta['n_labeled']} labeled, "
                     f"{meta['n_unlabeled']} unlabeled"
@@ -143,8 +139,7 @@ def cmd_splits(params: Params, root: Path, name: str) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    replace_dir(tmp, out)
 
 
 def cmd_train(params: Params, root: Path, study: str) -> None:
@@ -192,7 +187,7 @@ def cmd_report(params: Params, root: Path) -> None:
         m = results / "metrics" / f"{study}.json"
         if m.exists():
             metrics.update({f"{study}/{k}": v for k, v in json.loads(m.read_text()).items()})
-    _write_json(results / "metrics.json", metrics)
+    write_json(results / "metrics.json", metrics)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,21 +6,35 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
-def write_text(path: Path, text: str) -> Path:
-    """Write via a temp file in the same folder, then rename over `path`."""
+def atomic(path: Path, write: Callable[[Path], Any]) -> Path:
+    """Call `write(tmp)` on a temp file in the same folder, then rename it over `path`.
+
+    The temp name keeps the suffix, so writers that infer a format from it (savefig) still work.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
-def write_json(path: Path, obj: object) -> Path:
-    return write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+def write_text(path: Path, text: str) -> Path:
+    return atomic(path, lambda p: p.write_text(text, newline="\n"))
+
+
+def write_json(path: Path, obj: object, sort_keys: bool = True) -> Path:
+    return write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys, default=str) + "\n")
 
 
 def replace_dir(tmp: Path, dest: Path) -> None:

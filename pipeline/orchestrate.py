@@ -20,7 +20,7 @@ import torch
 
 from pipeline.config import Params, flatten, merge, method_for_variant
 from pipeline.data.classes import class_names
-from pipeline.io import write_json
+from pipeline.io import atomic, write_json
 from pipeline.train import TrialSpec, fit
 
 ROLE_KEYS = ("dssn.study", "dssn.cell", "ray.trial_id")
@@ -352,9 +352,7 @@ def _run_cell(
 
 
 def _save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(obj, path.with_suffix(".tmp"))
-    os.replace(path.with_suffix(".tmp"), path)
+    atomic(path, lambda p: torch.save(obj, p))
 
 
 def _predictions(student: torch.nn.Module, spec: TrialSpec) -> np.ndarray | None:

@@ -15,8 +15,7 @@ import math
 import os
 import re
 import sys
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ import pandas as pd
 from mlflow import MlflowClient
 
 from pipeline.config import VARIANTS
+from pipeline.io import atomic
 from pipeline.paper_numbers import NOTES, PAPER, PROTOCOL_DATASET
 
 # MLflow tag -> column of the runs frame
@@ -303,20 +303,6 @@ def paper_comparison(df: pd.DataFrame, table_id: str) -> pd.DataFrame:
 # --------------------------------------------------------------------------- writing
 
 
-def _atomic(path: Path, write: Callable[[Path], Any]) -> Path:
-    """Write through a temp file in the same folder: DVC never sees a half-written output."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
 def _span(values: pd.Series) -> str:
     v = pd.to_numeric(values, errors="coerce").dropna()
     if v.empty:
@@ -363,7 +349,7 @@ def write_report(df: pd.DataFrame, out_dir: Path, study: str, paper_table: str |
     for metric, table in tables.items():
         lines += [f"## {METRICS[metric]} (`{metric}`)", "", table.to_markdown(disable_numparse=True), ""]
     text = "\n".join(lines)
-    written = [_atomic(out_dir / "tables" / f"{study}.md", lambda p: p.write_text(text, encoding="utf-8"))]
+    written = [atomic(out_dir / "tables" / f"{study}.md", lambda p: p.write_text(text, encoding="utf-8"))]
 
     long = pd.concat(
         [
@@ -375,7 +361,7 @@ def write_report(df: pd.DataFrame, out_dir: Path, study: str, paper_table: str |
         ignore_index=True,
     )
     long.insert(0, "study", study)
-    written.append(_atomic(out_dir / "tables" / f"{study}.csv", lambda p: long.to_csv(p, index=False)))
+    written.append(atomic(out_dir / "tables" / f"{study}.csv", lambda p: long.to_csv(p, index=False)))
 
     if paper_table:
         cmp = paper_comparison(df, paper_table)
@@ -391,13 +377,13 @@ def write_report(df: pd.DataFrame, out_dir: Path, study: str, paper_table: str |
         ]
         cmp_text = "\n".join(body)
         written.append(
-            _atomic(
+            atomic(
                 out_dir / "tables" / f"{study}_vs_paper.md",
                 lambda p: p.write_text(cmp_text, encoding="utf-8"),
             )
         )
         written.append(
-            _atomic(out_dir / "tables" / f"{study}_vs_paper.csv", lambda p: cmp.to_csv(p, index=False))
+            atomic(out_dir / "tables" / f"{study}_vs_paper.csv", lambda p: cmp.to_csv(p, index=False))
         )
 
     written += _plots(df, out_dir / "plots", study)
@@ -410,7 +396,7 @@ def write_report(df: pd.DataFrame, out_dir: Path, study: str, paper_table: str |
     }
     payload = json.dumps(metrics, indent=2, sort_keys=True) + "\n"
     written.append(
-        _atomic(out_dir / "metrics" / f"{study}.json", lambda p: p.write_text(payload, encoding="utf-8"))
+        atomic(out_dir / "metrics" / f"{study}.json", lambda p: p.write_text(payload, encoding="utf-8"))
     )
     return written
 
@@ -463,7 +449,7 @@ def _plots(df: pd.DataFrame, plot_dir: Path, study: str) -> list[Path]:
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    out.append(_atomic(plot_dir / f"{study}_miou_vs_labels.png", lambda p: fig.savefig(p, format="png")))
+    out.append(atomic(plot_dir / f"{study}_miou_vs_labels.png", lambda p: fig.savefig(p, format="png")))
     plt.close(fig)
 
     per_class = [c for c in df.columns if str(c).startswith(PER_CLASS_PREFIX)]
@@ -496,7 +482,7 @@ def _plots(df: pd.DataFrame, plot_dir: Path, study: str) -> list[Path]:
     ax.set_title(f"{study}: per-class IoU, split {split} ({datasets}, {protocols})", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    out.append(_atomic(plot_dir / f"{study}_per_class.png", lambda p: fig.savefig(p, format="png")))
+    out.append(atomic(plot_dir / f"{study}_per_class.png", lambda p: fig.savefig(p, format="png")))
     plt.close(fig)
     return out
 

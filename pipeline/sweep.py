@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import Params, SweepCfg, merge, method_for_variant, to_dict
+from pipeline.io import atomic, write_text
 from pipeline.orchestrate import run_cells, study_paths, study_specs
 from pipeline.train import TrialSpec
 
@@ -136,12 +136,6 @@ def run_sweep(params: Params, name: str, root: Path) -> dict[str, Path]:
     return write_sweep_report(pd.DataFrame(rows), out_dir, name, sw.mode)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_sweep_report(df: pd.DataFrame, out_dir: Path, name: str, mode: str) -> dict[str, Path]:
     """The sweep's trials table, its best setting, the sensitivity table and a heatmap."""
     import matplotlib
@@ -157,12 +151,12 @@ def write_sweep_report(df: pd.DataFrame, out_dir: Path, name: str, mode: str) ->
         "sensitivity": out_dir / "sensitivity.md",
         "heatmap": out_dir / "heatmap.png",
     }
-    _atomic_write(paths["trials"], df.to_csv(index=False))
+    write_text(paths["trials"], df.to_csv(index=False))
     full = df[~df["stopped_early"]] if mode == "explore" else df
     full = full if len(full) else df
     mean = full.groupby(["r", "tau_low"])["miou"].agg(["mean", "std", "count"]).reset_index()
     best = mean.loc[mean["mean"].idxmax()]
-    _atomic_write(
+    write_text(
         paths["best"],
         json.dumps(
             {
@@ -190,7 +184,7 @@ def write_sweep_report(df: pd.DataFrame, out_dir: Path, name: str, mode: str) ->
             floatfmt=".2f"
         ),
     ]
-    _atomic_write(paths["sensitivity"], "\n".join(lines) + "\n")
+    write_text(paths["sensitivity"], "\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(1.2 * len(grid.columns) + 2, 1.0 * len(grid.index) + 1.5), dpi=100)
     im = ax.imshow(grid.values, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(grid.columns)), [f"{c:g}" for c in grid.columns])
@@ -203,10 +197,8 @@ def write_sweep_report(df: pd.DataFrame, out_dir: Path, name: str, mode: str) ->
     fig.colorbar(im, ax=ax, label="mIoU (%)")
     ax.set_title(f"sweep {name}")
     fig.tight_layout()
-    tmp = paths["heatmap"].with_name(".heatmap.tmp.png")
-    fig.savefig(tmp)
+    atomic(paths["heatmap"], fig.savefig)
     plt.close(fig)
-    os.replace(tmp, paths["heatmap"])
     return paths
 
 

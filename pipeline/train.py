@@ -249,7 +249,6 @@ def fit(
 
     val_loader = DataLoader(val, batch_size=cfg.eval_batch, shuffle=False, num_workers=cfg.workers)
     gen = torch.Generator()  # CPU: augmentation/box parameters are scalars drawn on the host, no device sync
-    autocast = device.type == "cuda" and cfg.amp
     metrics: dict[str, float] = {}
 
     for epoch in range(state["epoch"], cfg.epochs):
@@ -299,7 +298,7 @@ def fit(
             for who, model in (("student", student), ("teacher", teacher)):
                 if model is None:
                     continue
-                ev = evaluate(model, val_loader, k, device, spec.dataset.eval_mode, cfg.crop, autocast)
+                ev = evaluate(model, val_loader, k, device, spec.dataset.eval_mode, cfg.crop, tr.autocast)
                 epoch_metrics[f"val/miou_{who}"] = ev["miou"]
                 for name, v in zip(spec.class_names, ev["iou"], strict=True):
                     epoch_metrics[f"val_class_{who}/{name}"] = v

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline.data.errors import DataError
-from pipeline.io import replace_dir
+from pipeline.io import replace_dir, write_json, write_text
 
 PROTOCOLS = ("blended", "classic", "cityscapes", "random")
 SOURCES = ("generate", "official")
@@ -48,17 +48,7 @@ def read_list(path: Path) -> list[str]:
 
 def write_list(path: Path, lines: Sequence[str]) -> None:
     """Atomic, so a reader never sees a half-written list."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="\n") as f:
-            f.writelines(f"{line}\n" for line in lines)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_text(path, "".join(f"{line}\n" for line in lines))
 
 
 def _no_duplicates(ids: Sequence[str], what: str) -> None:
@@ -210,11 +200,6 @@ def _meta(protocol: str, split: str, lab: list[str], unl: list[str], source: str
     }
 
 
-def _write_json(path: Path, obj: object) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
 
 
 
@@ -297,7 +282,7 @@ def make_splits(
             write_list(tmp / split / "labeled.txt", lab)
             write_list(tmp / split / "unlabeled.txt", unl)
             meta = _meta(protocol, split, lab, unl, source, seed)
-            _write_json(tmp / split / "split.json", meta)
+            write_json(tmp / split / "split.json", meta, sort_keys=False)
             summary[split] = meta
         if source == "official" and (official_root / "val.txt").is_file():
             pub_val = _pairs(read_list(official_root / "val.txt"), official_root / "val.txt")
@@ -345,8 +330,10 @@ def main(argv: list[str] | None = None) -> int:
                 check_split(lab, unl, f"{args.out}/{split}", train=ids)
                 write_list(tmp / split / "labeled.txt", lab)
                 write_list(tmp / split / "unlabeled.txt", unl)
-                _write_json(
-                    tmp / split / "split.json", _meta(args.protocol, split, lab, unl, "generate", args.seed)
+                write_json(
+                    tmp / split / "split.json",
+                    _meta(args.protocol, split, lab, unl, "generate", args.seed),
+                    sort_keys=False,
                 )
                 print(f"{split}: {len(lab)} labeled, {len(unl)} unlabeled")
             if val is not None:

@@ -19,6 +19,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from pipeline.io import replace_dir
+
 CLASSES = ["background", "disc", "square", "triangle", "ring", "cross", "star"]
 # Long-tailed object frequencies (disc most common, star ~7x rarer).
 CLASS_FREQ = np.array([0.34, 0.24, 0.17, 0.12, 0.08, 0.05])
@@ -156,8 +158,5 @@ def generate(out_dir: Path, n_train: int, n_val: int, size: int = 64, seed: int 
             mask.save(tmp / "SegmentationClass" / f"{name}.png")
         (tmp / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
         counts[split] = n
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out_dir)
+    replace_dir(tmp, out_dir)
     return counts

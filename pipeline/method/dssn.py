@@ -78,10 +78,11 @@ def dssn_step(
             logit_m = student(normalize(m01))
             student.train()
             logit_w = pred_w.detach()
-        t1, keep1 = select(paste(logit_w, logit_m, box1).softmax(1), paste(b.u_ign, b.m_ign, box1), cfg)
-        t2, keep2 = select(paste(logit_w, logit_m, box2).softmax(1), paste(b.u_ign, b.m_ign, box2), cfg)
+        ign1, ign2 = paste(b.u_ign, b.m_ign, box1), paste(b.u_ign, b.m_ign, box2)
+        t1, keep1 = select(paste(logit_w, logit_m, box1).softmax(1), ign1, cfg)
+        t2, keep2 = select(paste(logit_w, logit_m, box2).softmax(1), ign2, cfg)
         tw, keepw = select(pred_w.detach().softmax(1), b.u_ign, cfg)
-    valid1, valid2, validw = ~paste(b.u_ign, b.m_ign, box1), ~paste(b.u_ign, b.m_ign, box2), ~b.u_ign
+    valid1, valid2, validw = ~ign1, ~ign2, ~b.u_ign
 
     loss_x = sup_loss(pred_x, b.y)
     loss_s = masked_ce(pred_s1, t1, keep1, valid1) + masked_ce(pred_s2, t2, keep2, valid2)
