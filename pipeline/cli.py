@@ -142,6 +142,30 @@ def cmd_splits(params: Params, root: Path, name: str) -> None:
     replace_dir(tmp, out)
 
 
+def cmd_pretrain(params: Params, root: Path) -> None:
+    """Every `pretrain` entry into data/pretrained/<name>.pt; an entry whose config is unchanged
+    is kept (its `.json` records the config hash), files of removed entries are deleted."""
+    from pipeline.pretrain import config_hash, pretrain
+
+    out = root / params.paths.data / "pretrained"
+    out.mkdir(parents=True, exist_ok=True)
+    for name, cfg in params.pretrain.items():
+        pt, meta = out / f"{name}.pt", out / f"{name}.json"
+        if (
+            pt.exists()
+            and meta.exists()
+            and json.loads(meta.read_text()).get("config_hash") == config_hash(cfg)
+        ):
+            print(f"pretrain {name}: up to date ({_rel(pt, root)})")
+            continue
+        info = pretrain(cfg, pt)
+        print(f"pretrain {name}: {info['held_out']} in {info['seconds']} s -> {_rel(pt, root)}")
+    for f in [*out.glob("*.pt"), *out.glob("*.json")]:
+        if f.stem not in params.pretrain and f.name != "index.json":
+            f.unlink()
+    write_json(out / "index.json", {n: f"{n}.pt" for n in params.pretrain})
+
+
 def cmd_train(params: Params, root: Path, study: str) -> None:
     from pipeline.orchestrate import run_study
 
@@ -196,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     for c in ("fetch", "prepare", "splits"):
         sub.add_parser(c).add_argument("dataset")
+    sub.add_parser("pretrain")
     sub.add_parser("train").add_argument("study")
     sub.add_parser("sweep").add_argument("sweep")
     sub.add_parser("report")
@@ -208,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.params}: OK ({len(params.datasets)} datasets, {len(params.studies)} studies)")
         elif args.cmd == "report":
             cmd_report(params, root)
+        elif args.cmd == "pretrain":
+            cmd_pretrain(params, root)
         elif args.cmd == "train":
             cmd_train(params, root, args.study)
         elif args.cmd == "sweep":

@@ -276,6 +276,30 @@ class SweepCfg:
 
 
 @dataclass(frozen=True)
+class PretrainCfg:
+    """A backbone pretrained on a pretext task over disjoint synthetic images (the ImageNet
+    analogue of the embedded benchmark); written to data/pretrained/<name>.pt."""
+
+    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet18"
+    deep_stem: bool = False
+    seed: int = 1  # generator seed: must differ from every synthetic dataset's (disjoint images)
+    n_images: int = 8192
+    n_val: int = 512
+    size: int = 64
+    steps: int = 2000
+    batch: int = 32
+    lr: float = 0.002
+    weight_decay: float = 1e-4
+    threads: int = 2
+
+    def validate(self, key: str) -> None:
+        for k in ("n_images", "n_val", "steps", "batch", "threads"):
+            _check(getattr(self, k) >= 1, f"{key}.{k}", "an integer >= 1", getattr(self, k))
+        _check(32 <= self.size <= 512, f"{key}.size", "an integer in [32, 512]", self.size)
+        _check(self.lr > 0, f"{key}.lr", "a positive number", self.lr)
+
+
+@dataclass(frozen=True)
 class Params:
     paths: PathsCfg
     datasets: dict[str, DatasetCfg]
@@ -285,6 +309,7 @@ class Params:
     ray: RayCfg
     studies: dict[str, StudyCfg]
     sweeps: dict[str, SweepCfg] = field(default_factory=dict)
+    pretrain: dict[str, PretrainCfg] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- variants
@@ -505,4 +530,11 @@ def load_params(path: str | Path = "params.yaml") -> Params:
             raise ConfigError(
                 f"params: `{key}.variant` {sw.variant!r} is unknown (known: {', '.join(VARIANTS)})"
             )
+    for name, pt in params.pretrain.items():
+        for ds_name, ds in params.datasets.items():
+            if ds.kind == "synthetic" and ds.source.synthetic.seed == pt.seed:  # type: ignore[union-attr]
+                raise ConfigError(
+                    f"params: `pretrain.{name}.seed` must differ from `datasets.{ds_name}.source.synthetic.seed` "
+                    f"({pt.seed}): the pretext images must be disjoint from the benchmark's"
+                )
     return params

@@ -36,12 +36,14 @@ def _dilate(layer: nn.Sequential, dilation: int) -> None:
             block.downsample[0].stride = (1, 1)
 
 
-def build_backbone(cfg: ModelCfg) -> tuple[resnet.ResNet, int, int]:
-    """A ResNet trunk at the requested output stride; returns (net, c1 channels, c4 channels)."""
+def build_backbone(cfg: ModelCfg, dilated: bool = True) -> tuple[resnet.ResNet, int, int]:
+    """A ResNet trunk at the requested output stride (stride 32 when not `dilated`, for
+    classification pretraining); returns (net, c1 channels, c4 channels)."""
     dil = [False, False, True] if cfg.output_stride == 16 else [False, True, True]
     bottleneck = cfg.backbone in ("resnet50", "resnet101")
-    net = _RESNETS[cfg.backbone](weights=None, replace_stride_with_dilation=dil if bottleneck else None)
-    if not bottleneck:
+    use_dil = dil if bottleneck and dilated else None
+    net = _RESNETS[cfg.backbone](weights=None, replace_stride_with_dilation=use_dil)
+    if dilated and not bottleneck:
         if cfg.output_stride == 8:
             _dilate(net.layer3, 2)
             _dilate(net.layer4, 4)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.config import Params, flatten, merge, method_for_variant
+from pipeline.config import ModelCfg, Params, flatten, merge, method_for_variant
 from pipeline.data.classes import class_names
 from pipeline.io import atomic, write_json
 from pipeline.train import TrialSpec, fit
@@ -69,7 +69,9 @@ def study_specs(params: Params, study_name: str, root: Path) -> list[TrialSpec]:
     specs = []
     for split in study.splits:
         for backbone in study.backbones or [base_model.backbone]:
-            model = merge(base_model, {"backbone": backbone}, f"studies.{study_name}.backbones")
+            model = _local_weights(
+                merge(base_model, {"backbone": backbone}, f"studies.{study_name}.backbones"), paths.root
+            )
             for variant in study.variants:
                 for seed in study.seeds:
                     cell = f"{split}-{backbone}-{variant}-s{seed}"
@@ -92,6 +94,14 @@ def study_specs(params: Params, study_name: str, root: Path) -> list[TrialSpec]:
                         )
                     )
     return specs
+
+
+def _local_weights(model: ModelCfg, root: Path) -> ModelCfg:
+    """A relative `model.pretrained` path is relative to the repo root (trials run elsewhere)."""
+    src = model.pretrained
+    if not src or src.startswith(("http://", "https://")) or Path(src).is_absolute():
+        return model
+    return dataclasses.replace(model, pretrained=str(root / src))
 
 
 def connect_ray(num_cpus: int | None) -> dict[str, float]:
@@ -166,6 +176,11 @@ def fingerprint(specs: list[TrialSpec]) -> str:
             Path(split_dir) / "val.txt",
         ):
             h.update(f.read_bytes() if f.exists() else b"missing")
+    for weights in sorted(
+        {s.model.pretrained.format(backbone=s.model.backbone) for s in specs if s.model.pretrained}
+    ):
+        if Path(weights).is_file():  # a re-pretrained backbone is a new experiment, like a new split
+            h.update(Path(weights).read_bytes())
     return h.hexdigest()[:10]
 
 
