@@ -205,7 +205,12 @@ def cmd_report(params: Params, root: Path) -> None:
         # Exactly the runs behind the current results (not older runs of a changed config).
         run_ids = {json.loads(f.read_text())["mlflow_run_id"] for f in runs.glob("*.json")}
         df = report.load_runs(uri, [f"dssn/{study}"], run_ids=run_ids)
-        written = report.write_report(df, results, study, paper_table=scfg.paper_table)
+        hist = report.load_histories(uri, sorted(df["run_id"]))
+        written = report.write_report(df, results, study, paper_table=scfg.paper_table, histories=hist)
+        if scfg.publish:
+            md = (results / "tables" / f"{study}.md").read_text(encoding="utf-8")
+            pngs = [p for p in written if p.suffix == ".png"]
+            written.append(report.publish(root / scfg.publish, study, md, pngs))
         for p in written:
             print(f"report: wrote {_rel(p, root)}")
         m = results / "metrics" / f"{study}.json"

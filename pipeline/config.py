@@ -241,6 +241,7 @@ class StudyCfg:
     seeds: list[int] = field(default_factory=lambda: [0])
     backbones: list[str] = field(default_factory=list)  # empty = model.backbone
     paper_table: str | None = None
+    publish: str | None = None  # a committed Markdown file the report also writes this study's tables into
     overrides: OverridesCfg = field(default_factory=OverridesCfg)
 
 

@@ -132,6 +132,23 @@ def load_runs(
     return df.reset_index(drop=True)
 
 
+CURVE_KEYS = ("val/miou_student", "val/miou_teacher")
+
+
+def load_histories(
+    tracking_uri: str, run_ids: Sequence[str], keys: Sequence[str] = CURVE_KEYS
+) -> pd.DataFrame:
+    """Per-epoch values of `keys` for each run: long frame (run_id, key, step, value)."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    rows = [
+        {"run_id": rid, "key": k, "step": m.step, "value": m.value}
+        for rid in run_ids
+        for k in keys
+        for m in client.get_metric_history(rid, k)
+    ]
+    return pd.DataFrame(rows, columns=["run_id", "key", "step", "value"])
+
+
 # --------------------------------------------------------------------------- ordering and formatting
 
 
@@ -341,13 +358,21 @@ def _metric_key(df: pd.DataFrame, r: dict[str, Any]) -> str:
     return "/".join(str(p) for p in parts)
 
 
-def write_report(df: pd.DataFrame, out_dir: Path, study: str, paper_table: str | None = None) -> list[Path]:
-    """tables/<study>.{md,csv}, plots/<study>_*.png, metrics/<study>.json (+ tables/<study>_vs_paper.*)."""
+def write_report(
+    df: pd.DataFrame,
+    out_dir: Path,
+    study: str,
+    paper_table: str | None = None,
+    histories: pd.DataFrame | None = None,
+) -> list[Path]:
+    """tables/<study>.{md,csv}, plots/<study>_*.png, metrics/<study>.json (+ tables/<study>_vs_paper.*);
+    with `histories` (see `load_histories`) also the learning curves plots/<study>_curves.png."""
     out_dir = Path(out_dir)
     tables = study_tables(df)
     lines = _header(df, study)
     for metric, table in tables.items():
         lines += [f"## {METRICS[metric]} (`{metric}`)", "", table.to_markdown(disable_numparse=True), ""]
+    lines += diagnostics(df)
     text = "\n".join(lines)
     written = [atomic(out_dir / "tables" / f"{study}.md", lambda p: p.write_text(text, encoding="utf-8"))]
 
@@ -387,6 +412,8 @@ def write_report(df: pd.DataFrame, out_dir: Path, study: str, paper_table: str |
         )
 
     written += _plots(df, out_dir / "plots", study)
+    if histories is not None and not histories.empty:
+        written.append(_curves(df, histories, out_dir / "plots", study))
 
     best = summarize(df, ["dataset", "split"], ["backbone", "variant"], PAPER_METRIC)
     metrics = {
@@ -399,6 +426,56 @@ def write_report(df: pd.DataFrame, out_dir: Path, study: str, paper_table: str |
         atomic(out_dir / "metrics" / f"{study}.json", lambda p: p.write_text(payload, encoding="utf-8"))
     )
     return written
+
+
+PL_KEPT_PREFIX = "pseudo_kept/"
+
+
+def _by_cell_means(df: pd.DataFrame, cols: list[str], scale: float = 1.0) -> str:
+    """Markdown table of the mean over seeds per (split, [backbone,] variant), in the study order."""
+    keys = ["split", "backbone", "variant"] if df["backbone"].nunique() > 1 else ["split", "variant"]
+    g = df.groupby(keys, dropna=False)
+    means = g[cols].mean() * scale
+    order = sorted(means.index, key=lambda k: (split_size(k[0]), *(_natural(x) for x in k[1:])))
+    means = means.reindex(order)
+    means.index = [" / ".join(str(x) for x in k) for k in means.index]
+    means.index.name = " / ".join(keys)
+    means.insert(0, "n", [str(n) for n in g.size().reindex(order)])
+    return means.to_markdown(floatfmt=".1f")
+
+
+def diagnostics(df: pd.DataFrame) -> list[str]:
+    """Per-class IoU and pseudo-label statistics: where a method wins or loses, not just by how much."""
+    lines: list[str] = []
+    per_class = [c for c in df.columns if str(c).startswith(PER_CLASS_PREFIX)]
+    if per_class:
+        named = df.rename(columns=lambda c: str(c).removeprefix(PER_CLASS_PREFIX))
+        names = [c.removeprefix(PER_CLASS_PREFIX) for c in per_class]
+        lines += [
+            "## Per-class IoU, student, last epoch (mean over the n seeds)",
+            "",
+            _by_cell_means(named, names),
+            "",
+        ]
+    kept = [c for c in df.columns if str(c).startswith(PL_KEPT_PREFIX)]
+    if kept and "train/pl_accuracy" in df and df["train/pl_accuracy"].notna().any():
+        semi = df[df["train/pl_accuracy"].notna()].rename(
+            columns=lambda c: (
+                str(c).removeprefix(PL_KEPT_PREFIX).replace("train/pl_accuracy", "accuracy of kept")
+            )
+        )
+        cols = ["accuracy of kept", *(c.removeprefix(PL_KEPT_PREFIX) for c in kept)]
+        lines += [
+            "## Pseudo-labels in the last epoch (mean over the n seeds)",
+            "",
+            "Per class: % of the unlabeled pixels the teacher predicts as that class that the selection "
+            "(CPLG or fixed threshold) keeps for the loss; `accuracy of kept`: % of kept pixels whose "
+            "pseudo-label equals the ground truth.",
+            "",
+            _by_cell_means(semi, cols, scale=100.0),
+            "",
+        ]
+    return lines
 
 
 def _per_class_variants(df: pd.DataFrame) -> list[str]:
@@ -485,6 +562,60 @@ def _plots(df: pd.DataFrame, plot_dir: Path, study: str) -> list[Path]:
     out.append(atomic(plot_dir / f"{study}_per_class.png", lambda p: fig.savefig(p, format="png")))
     plt.close(fig)
     return out
+
+
+def _curves(df: pd.DataFrame, hist: pd.DataFrame, plot_dir: Path, study: str) -> Path:
+    """Validation mIoU of max(student, teacher) per epoch, mean over seeds, one line per variant,
+    on the smallest split: shows when a semi-supervised variant catches up, not just where it ends."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    best = hist.pivot_table(index=["run_id", "step"], columns="key", values="value").max(axis=1)
+    best = (
+        best.rename("miou").reset_index().merge(df[["run_id", "split", "variant", "fraction"]], on="run_id")
+    )
+    split = best.loc[best["fraction"].idxmin(), "split"]
+    sub = best[best["split"] == split]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    for variant in sorted(sub["variant"].unique(), key=_natural):
+        g = sub[sub["variant"] == variant].groupby("step")["miou"].agg(["mean", "std", "count"])
+        ax.plot(g.index, g["mean"], marker=".", label=f"{variant} (n={int(g['count'].max())})")
+        ax.fill_between(g.index, g["mean"] - g["std"].fillna(0), g["mean"] + g["std"].fillna(0), alpha=0.12)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("val mIoU (%), max(student, teacher)")
+    ax.set_title(f"{study}: learning curves, split {split}, mean ± std over seeds", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = atomic(plot_dir / f"{study}_curves.png", lambda p: fig.savefig(p, format="png"))
+    plt.close(fig)
+    return path
+
+
+def publish(doc: Path, study: str, report_md: str, plots: Sequence[Path]) -> Path:
+    """Put a study's generated report into a committed document between markers, keeping the
+    hand-written text around them; plots are copied beside it (`<doc stem>/`)."""
+    import shutil
+
+    doc = Path(doc)
+    img_dir = doc.parent / doc.stem
+    links = []
+    for p in plots:
+        dest = img_dir / Path(p).name
+        atomic(dest, lambda t, src=Path(p): shutil.copyfile(src, t))
+        links.append(f"![{Path(p).stem}]({img_dir.name}/{Path(p).name})")
+    body = re.sub(r"^(#+) ", r"#\1 ", report_md, flags=re.M)  # one level below the document's title
+    begin, end = f"<!-- begin generated: {study} -->", f"<!-- end generated: {study} -->"
+    block = "\n".join([begin, "", body.strip(), "", *links, "", end])
+    text = doc.read_text(encoding="utf-8") if doc.exists() else ""
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = (text.rstrip() + "\n\n" if text else "") + block + "\n"
+    return atomic(doc, lambda t: t.write_text(text, encoding="utf-8"))
 
 
 # --------------------------------------------------------------------------- CLI

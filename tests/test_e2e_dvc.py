@@ -31,15 +31,30 @@ def tiny_params(raw: dict) -> dict:
 
 
 def with_ablation_and_sweep(raw: dict) -> dict:
-    """Add a Table-4-style ablation study and an ASHA/Optuna exploration sweep, both tiny."""
+    """Add a Table-4-style ablation study (warm-started from a pretext backbone, published into a
+    document) and an ASHA/Optuna exploration sweep, all tiny."""
     demo = raw["studies"]["demo"]
+    raw["pretrain"] = {
+        "tiny": {
+            "backbone": "resnet18",
+            "seed": 5,
+            "n_images": 32,
+            "n_val": 8,
+            "size": 32,
+            "steps": 3,
+            "batch": 8,
+        }
+    }
+    overrides = json.loads(json.dumps(demo["overrides"]))
+    overrides["model"]["pretrained"] = "data/pretrained/tiny.pt"
     raw["studies"]["ablation"] = {
         "dataset": "synthetic",
         "protocol": "blended",
         "splits": ["1_4"],
         "variants": ["t4_plain", "t4_cplg"],
         "seeds": [0],
-        "overrides": demo["overrides"],
+        "publish": "docs/ablation.md",
+        "overrides": overrides,
     }
     raw["sweeps"] = {
         "explore": {
@@ -134,6 +149,15 @@ def test_dvc_repro_end_to_end(tmp_path):
     # The ablation study is a table of its own; the exploration sweep stopped some trials early.
     ablation = (work / "results/tables/ablation.md").read_text()
     assert "t4_plain" in ablation and "t4_cplg" in ablation
+    assert "Pseudo-labels in the last epoch" in ablation and "Per-class IoU" in ablation
+    assert json.loads((work / "data/pretrained/tiny.json").read_text())["steps"] == 3
+    abl = client.search_runs(
+        [client.get_experiment_by_name("dssn/ablation").experiment_id], "tags.role = 'trial'"
+    )
+    assert {r.data.params["model.pretrained"] for r in abl} == {str(work / "data/pretrained/tiny.pt")}
+    doc = (work / "docs/ablation.md").read_text()
+    assert "<!-- begin generated: ablation -->" in doc and "t4_cplg" in doc
+    assert (work / "docs/ablation/ablation_curves.png").stat().st_size > 1000
     trials = pd.read_csv(work / "results/sweeps/explore/trials.csv")
     assert len(trials) == 6 and trials["stopped_early"].any() and not trials["stopped_early"].all()
     assert trials["r"].between(0.5, 0.99).all() and trials["tau_low"].between(0.3, 0.95).all()

@@ -12,10 +12,13 @@ from PIL import Image
 
 from pipeline.report import (
     ReportError,
+    diagnostics,
     format_mean_std,
+    load_histories,
     load_runs,
     main,
     paper_comparison,
+    publish,
     study_tables,
     summarize,
     write_report,
@@ -306,3 +309,62 @@ def test_main_exit_codes(db, tmp_path, capsys):
     )
     assert (tmp_path / "tables/t2_vs_paper.csv").exists()
     assert "metrics/t2.json" in capsys.readouterr().out
+
+
+def test_diagnostics_tables_hand_computed(runs):
+    lines = "\n".join(diagnostics(runs))
+    # 1_4/dssn: background 90, 91, 92 -> 91.0; aeroplane = best - 10 = 71, 72, 73.5 -> 72.17
+    assert "| 1_4 / dssn        |   3 |         91.0 |        72.2 |" in lines
+    assert "| 1_8 / unimatch    |   1 |         90.0 |        68.0 |" in lines
+    assert "Pseudo-labels" not in lines  # no semi-supervised statistics logged in this study
+    semi = pd.DataFrame(
+        {
+            "split": ["1_8", "1_8", "1_8"],
+            "backbone": ["resnet101"] * 3,
+            "variant": ["dssn", "dssn", "supervised"],
+            "train/pl_accuracy": [0.9, 0.8, float("nan")],
+            "pseudo_kept/background": [0.5, 0.7, float("nan")],
+            "pseudo_kept/person": [0.0, 0.25, float("nan")],
+        }
+    )
+    table = "\n".join(diagnostics(semi))
+    assert "| 1_8 / dssn        |   2 |               85.0 |         60.0 |     12.5 |" in table
+    assert "supervised" not in table  # only variants that pseudo-label
+
+
+def test_learning_curves_from_metric_history(db, runs, tmp_path):
+    rid = runs.loc[(runs.split == "1_8") & (runs.variant == "dssn") & (runs.seed == 0), "run_id"].item()
+    hist = load_histories(db, [rid], keys=["final/miou_best"])
+    assert hist[["key", "step", "value"]].values.tolist() == [["final/miou_best", 0, 78.0]]
+    rows = []
+    for r in runs.itertuples():
+        for epoch in (1, 2):
+            rows += [
+                {"run_id": r.run_id, "key": "val/miou_student", "step": epoch, "value": 10.0 * epoch},
+                {"run_id": r.run_id, "key": "val/miou_teacher", "step": epoch, "value": 12.0 * epoch},
+            ]
+    written = write_report(runs, tmp_path, "t2", histories=pd.DataFrame(rows))
+    curves = tmp_path / "plots" / "t2_curves.png"
+    assert curves in written
+    with Image.open(curves) as im:
+        assert im.format == "PNG"
+
+
+def test_publish_replaces_only_its_block(tmp_path):
+    doc = tmp_path / "docs" / "results.md"
+    doc.parent.mkdir()
+    png = tmp_path / "a_curves.png"
+    png.write_bytes(b"png")
+    doc.write_text("# Findings\n\nmy analysis\n")
+    publish(doc, "ev", "# Study `ev`\n\n## table\n\n| a |\n", [png])
+    first = doc.read_text()
+    assert first.startswith("# Findings\n\nmy analysis\n\n<!-- begin generated: ev -->")
+    assert "## Study `ev`" in first and "### table" in first  # demoted below the document's title
+    assert "![a_curves](results/a_curves.png)" in first
+    assert (tmp_path / "docs" / "results" / "a_curves.png").read_bytes() == b"png"
+    doc.write_text(first + "\nlater notes\n")
+    publish(doc, "ev", "# Study `ev`\n\n| b |\n", [png])
+    second = doc.read_text()
+    assert "| b |" in second and "| a |" not in second
+    assert second.count("<!-- begin generated: ev -->") == 1
+    assert second.startswith("# Findings\n\nmy analysis") and second.endswith("later notes\n")
