@@ -444,27 +444,26 @@ def _by_cell_means(df: pd.DataFrame, cols: list[str], scale: float = 1.0) -> str
     return means.to_markdown(floatfmt=".1f")
 
 
+def _prefixed(df: pd.DataFrame, prefix: str) -> dict[str, str]:
+    """Columns named `<prefix><name>`, mapped to `<name>` (per-class metrics)."""
+    return {c: c.removeprefix(prefix) for c in map(str, df.columns) if c.startswith(prefix)}
+
+
 def diagnostics(df: pd.DataFrame) -> list[str]:
     """Per-class IoU and pseudo-label statistics: where a method wins or loses, not just by how much."""
     lines: list[str] = []
-    per_class = [c for c in df.columns if str(c).startswith(PER_CLASS_PREFIX)]
+    per_class = _prefixed(df, PER_CLASS_PREFIX)
     if per_class:
-        named = df.rename(columns=lambda c: str(c).removeprefix(PER_CLASS_PREFIX))
-        names = [c.removeprefix(PER_CLASS_PREFIX) for c in per_class]
         lines += [
             "## Per-class IoU, student, last epoch (mean over the n seeds)",
             "",
-            _by_cell_means(named, names),
+            _by_cell_means(df.rename(columns=per_class), list(per_class.values())),
             "",
         ]
-    kept = [c for c in df.columns if str(c).startswith(PL_KEPT_PREFIX)]
+    kept = _prefixed(df, PL_KEPT_PREFIX)
     if kept and "train/pl_accuracy" in df and df["train/pl_accuracy"].notna().any():
-        semi = df[df["train/pl_accuracy"].notna()].rename(
-            columns=lambda c: (
-                str(c).removeprefix(PL_KEPT_PREFIX).replace("train/pl_accuracy", "accuracy of kept")
-            )
-        )
-        cols = ["accuracy of kept", *(c.removeprefix(PL_KEPT_PREFIX) for c in kept)]
+        cols = {"train/pl_accuracy": "accuracy of kept", **kept}
+        semi = df[df["train/pl_accuracy"].notna()].rename(columns=cols)
         lines += [
             "## Pseudo-labels in the last epoch (mean over the n seeds)",
             "",
@@ -472,7 +471,7 @@ def diagnostics(df: pd.DataFrame) -> list[str]:
             "(CPLG or fixed threshold) keeps for the loss; `accuracy of kept`: % of kept pixels whose "
             "pseudo-label equals the ground truth.",
             "",
-            _by_cell_means(semi, cols, scale=100.0),
+            _by_cell_means(semi, list(cols.values()), scale=100.0),
             "",
         ]
     return lines
@@ -529,7 +528,8 @@ def _plots(df: pd.DataFrame, plot_dir: Path, study: str) -> list[Path]:
     out.append(atomic(plot_dir / f"{study}_miou_vs_labels.png", lambda p: fig.savefig(p, format="png")))
     plt.close(fig)
 
-    per_class = [c for c in df.columns if str(c).startswith(PER_CLASS_PREFIX)]
+    class_cols = _prefixed(df, PER_CLASS_PREFIX)
+    per_class, names = list(class_cols), list(class_cols.values())
     if not per_class:
         return out
     variants = _per_class_variants(df)
@@ -541,7 +541,6 @@ def _plots(df: pd.DataFrame, plot_dir: Path, study: str) -> list[Path]:
     sub = sub[sub["split"] == split]
     means = sub.groupby("variant")[per_class].mean().reindex(variants).dropna(how="all")
     stds = sub.groupby("variant")[per_class].std(ddof=1).reindex(means.index)
-    names = [c.removeprefix(PER_CLASS_PREFIX) for c in per_class]
     x = np.arange(len(names))
     width = 0.8 / max(len(means), 1)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(names) + 2), 4), dpi=110)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -45,7 +46,7 @@ def with_ablation_and_sweep(raw: dict) -> dict:
             "batch": 8,
         }
     }
-    overrides = json.loads(json.dumps(demo["overrides"]))
+    overrides = copy.deepcopy(demo["overrides"])
     overrides["model"]["pretrained"] = "data/pretrained/tiny.pt"
     raw["studies"]["ablation"] = {
         "dataset": "synthetic",
