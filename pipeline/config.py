@@ -191,6 +191,10 @@ class MethodCfg:
     skip_strong_first_iter: bool = True
     intensity_ops: bool = True  # DSSN-VOC extra random intensity ops
     cutmix_p: float = 0.5
+    # Diagnostic, not a method: the unlabeled images' ground truth replaces every pseudo-label
+    # (all non-ignored pixels kept). The score it reaches bounds what better pseudo-labels could buy
+    # and checks the unlabeled branch's plumbing (crops, CutMix compositing, ignore maps).
+    oracle_pseudo_labels: bool = False
 
     def validate(self, key: str) -> None:
         _check(0 < self.r <= 1, f"{key}.r", "a float in (0, 1]", self.r)

@@ -272,7 +272,13 @@ def fit(
             if mcfg.use_unlabeled:
                 bu, bm = _to(next(it_u), device), _to(next(it_m), device)
                 b = dataclasses.replace(
-                    b, u=bu["image"], u_ign=bu["ignore"], m=bm["image"], m_ign=bm["ignore"]
+                    b,
+                    u=bu["image"],
+                    u_ign=bu["ignore"],
+                    m=bm["image"],
+                    m_ign=bm["ignore"],
+                    u_gt=bu["gt"],
+                    m_gt=bm["gt"],
                 )
             loss, stats = tr.step(b, gen, state["iteration"], total)
             state["iteration"] += 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -89,3 +90,40 @@ def test_total_loss_combines_terms_with_the_code_weights():
         + 0.01 * (st["loss_con_img"] + st["loss_con_feat"])
     )
     assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_oracle_pseudo_labels_are_the_ground_truth_whatever_the_teacher():
+    g = torch.Generator().manual_seed(5)
+    gt_u, gt_m = (torch.randint(0, 4, (2, 32, 32), generator=g) for _ in range(2))
+    gt_u[:, :3], gt_m[:, :, :5] = 255, 255  # ignore bands (object borders / padding)
+    b = dataclasses.replace(batch(), u_gt=gt_u, m_gt=gt_m)
+    torch.manual_seed(0)
+    tr = Trainer(MODEL, TRAIN, MethodCfg(), 4, torch.device("cpu"))
+    other = copy.deepcopy(tr.teacher)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+
+    def run(teacher, oracle):
+        cfg = dataclasses.replace(MethodCfg(), oracle_pseudo_labels=oracle, selection="fixed", threshold=0.0)
+        torch.manual_seed(1)  # same dropout draws in both calls
+        return dssn_step(tr.student, teacher, b, cfg, supervised_ce, torch.Generator().manual_seed(0))[1]
+
+    a, c = run(tr.teacher, True), run(other, True)
+    assert float(a["loss_s"]) == pytest.approx(float(c["loss_s"]), rel=1e-6)
+    assert torch.equal(a["pl_labels"], gt_u)
+    valid = ~b.u_ign
+    assert float(a["mask_ratio"]) == pytest.approx(float(((gt_u != 255) & valid).sum() / valid.sum()))
+    # without the oracle the two teachers' pseudo-labels, hence the strong-view losses, differ
+    assert float(run(tr.teacher, False)["loss_s"]) != pytest.approx(
+        float(run(other, False)["loss_s"]), rel=1e-3
+    )
+    with pytest.raises(ValueError, match="oracle_pseudo_labels"):
+        dssn_step(
+            tr.student,
+            tr.teacher,
+            batch(),
+            dataclasses.replace(MethodCfg(), oracle_pseudo_labels=True),
+            supervised_ce,
+            torch.Generator().manual_seed(0),
+        )

@@ -29,6 +29,8 @@ class Batch:
     u_ign: Tensor | None = None  # bool, True = crop padding
     m: Tensor | None = None  # second unlabeled batch: the CutMix partner
     m_ign: Tensor | None = None
+    u_gt: Tensor | None = None  # ground truth of u and m (255 = ignore): pseudo-label accuracy and
+    m_gt: Tensor | None = None  # the `oracle_pseudo_labels` diagnostic only
 
 
 def select(prob: Tensor, ignore: Tensor, cfg: MethodCfg) -> tuple[Tensor, Tensor]:
@@ -51,6 +53,11 @@ def dssn_step(
     if not cfg.use_unlabeled:  # supervised-only baseline: the same model, loader and schedule
         loss_x = sup_loss(student(x), b.y)
         return loss_x, {"loss_x": loss_x.detach()}
+
+    if cfg.oracle_pseudo_labels and (b.u_gt is None or b.m_gt is None):
+        raise ValueError(
+            "method.oracle_pseudo_labels needs the unlabeled ground truth (Batch.u_gt, Batch.m_gt)"
+        )
 
     # Image-level views: two independent photometric draws + their own CutMix boxes.
     u01, m01 = b.u.float() / 255.0, b.m.float() / 255.0
@@ -82,6 +89,9 @@ def dssn_step(
         t1, keep1 = select(paste(logit_w, logit_m, box1).softmax(1), ign1, cfg)
         t2, keep2 = select(paste(logit_w, logit_m, box2).softmax(1), ign2, cfg)
         tw, keepw = select(pred_w.detach().softmax(1), b.u_ign, cfg)
+        if cfg.oracle_pseudo_labels:  # diagnostic upper bound: ground truth, every labeled pixel kept
+            t1, t2, tw = paste(b.u_gt, b.m_gt, box1), paste(b.u_gt, b.m_gt, box2), b.u_gt
+            keep1, keep2, keepw = t1 != 255, t2 != 255, tw != 255
     valid1, valid2, validw = ~ign1, ~ign2, ~b.u_ign
 
     loss_x = sup_loss(pred_x, b.y)
