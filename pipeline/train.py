@@ -284,9 +284,10 @@ def fit(
             state["iteration"] += 1
             labels, keep = stats.pop("pl_labels", None), stats.pop("pl_keep", None)
             if labels is not None and bu is not None:  # index_add_, not boolean indexing: no host sync
-                flat = labels.flatten()
-                pl_pred.index_add_(0, flat, (~bu["ignore"]).flatten().float())
-                pl_kept.index_add_(0, flat, keep.flatten().float())
+                inside = labels < k  # the oracle diagnostic's ground-truth labels are 255 where ignored
+                flat = torch.where(inside, labels, 0).flatten()
+                pl_pred.index_add_(0, flat, (~bu["ignore"] & inside).flatten().float())
+                pl_kept.index_add_(0, flat, (keep & inside).flatten().float())
                 pl_correct += (keep & (labels == bu["gt"])).sum()
             acc.add({"loss": loss.detach(), **stats})
 

@@ -47,3 +47,17 @@ def test_resume_mid_run_and_after_the_last_epoch(spec):
     done = fit(spec, None, resume=states[-1])  # killed after its last epoch: nothing left to train
     assert done["final/miou_student_last"] == full["final/miou_student_last"]
     assert done["final/steps"] == 4
+
+
+def test_oracle_pseudo_labels_through_the_loop(spec):
+    """Ground truth as pseudo-labels: every non-ignored pixel kept, all of them correct."""
+    oracle = dataclasses.replace(spec, method=dataclasses.replace(spec.method, oracle_pseudo_labels=True))
+    seen = []
+    fit(
+        dataclasses.replace(oracle, train=dataclasses.replace(spec.train, epochs=1)),
+        lambda e, m, s: seen.append(m),
+    )
+    m = seen[-1]
+    assert m["train/pl_accuracy"] == 1.0
+    kept = [v for k, v in m.items() if k.startswith("pseudo_kept/") and v == v]  # NaN: class not present
+    assert kept and all(v == pytest.approx(1.0) for v in kept)
