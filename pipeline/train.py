@@ -246,6 +246,11 @@ def fit(
         opt.load_state_dict(resume["optimizer"])
         state = {k_: resume[k_] for k_ in ("epoch", "iteration", "history", "best")}
         state["last_eval"] = resume.get("last_eval", {})  # a trial killed after its last epoch
+        if "rng" in resume:  # the global RNGs drive dropout and the loaders' per-sample draws
+            torch.set_rng_state(resume["rng"]["torch"])
+            np.random.set_state(resume["rng"]["numpy"])
+            if device.type == "cuda" and resume["rng"].get("cuda") is not None:
+                torch.cuda.set_rng_state(resume["rng"]["cuda"], device)
 
     val_loader = DataLoader(val, batch_size=cfg.eval_batch, shuffle=False, num_workers=cfg.workers)
     gen = torch.Generator()  # CPU: augmentation/box parameters are scalars drawn on the host, no device sync
@@ -327,6 +332,11 @@ def fit(
                 "optimizer": opt.state_dict(),
                 **copy.deepcopy(state),  # a snapshot: later epochs must not alter it
                 "spec": spec.to_dict(),
+                "rng": {  # so that a resumed trial repeats the uninterrupted one exactly
+                    "torch": torch.get_rng_state(),
+                    "numpy": np.random.get_state(),
+                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                },
             }
             on_epoch(epoch + 1, epoch_metrics, ckpt)
 
