@@ -264,6 +264,9 @@ class SweepCfg:
     num_samples: int = 16  # explore mode: number of trials
     grace_period: int = 1  # explore mode: epochs before ASHA may stop a trial
     reduction_factor: int = 2
+    # explore mode: trials at once. TPE proposes from finished trials and ASHA compares a trial with
+    # those that reached its rung first, so 1 makes an exploration repeatable (decisions included)
+    max_concurrent: int = 4
     overrides: OverridesCfg = field(
         default_factory=OverridesCfg
     )  # on top of the study's (e.g. a shorter budget)
@@ -278,6 +281,7 @@ class SweepCfg:
         _check(
             self.reduction_factor >= 2, f"{key}.reduction_factor", "an integer >= 2", self.reduction_factor
         )
+        _check(self.max_concurrent >= 1, f"{key}.max_concurrent", "an integer >= 1", self.max_concurrent)
 
 
 @dataclass(frozen=True)

@@ -401,6 +401,19 @@ def run_study(params: Params, study_name: str, root: Path) -> list[dict[str, Any
     return out["summaries"]
 
 
+def search_limit(search_alg: Any, *limits: int | None) -> tuple[Any, int | None]:
+    """The tightest of the concurrency limits, applied once: Tune refuses `max_concurrent_trials`
+    next to a searcher that is already a ConcurrencyLimiter with another limit, so a searcher is
+    wrapped here and Tune gets no limit of its own; without a searcher Tune applies it."""
+    set_limits = [n for n in limits if n]
+    limit = min(set_limits) if set_limits else None
+    if search_alg is None or limit is None:
+        return search_alg, limit
+    from ray.tune.search import ConcurrencyLimiter
+
+    return ConcurrencyLimiter(search_alg, max_concurrent=limit), None
+
+
 def run_cells(
     params: Params,
     root: Path,
@@ -497,13 +510,16 @@ def run_cells(
             tune_cfg = tune.TuneConfig(max_concurrent_trials=max_concurrent)
         else:
             space = {"cell": sorted(spec_dicts)[0], **search["space"]}  # searchers take no grid axes
+            search_alg, limit = search_limit(
+                search.get("search_alg"), search.get("max_concurrent"), max_concurrent
+            )
             tune_cfg = tune.TuneConfig(
                 metric=search["metric"],
                 mode=search["mode"],
                 num_samples=search["num_samples"],
                 scheduler=search.get("scheduler"),
-                search_alg=search.get("search_alg"),
-                max_concurrent_trials=max_concurrent,
+                search_alg=search_alg,
+                max_concurrent_trials=limit,
             )
         tuner = tune.Tuner(
             trainable,

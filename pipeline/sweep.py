@@ -72,10 +72,9 @@ def _search(sw: SweepCfg, epochs: int) -> dict[str, Any]:
     }
     search_alg = None
     if sw.search == "optuna":
-        from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
 
-        search_alg = ConcurrencyLimiter(OptunaSearch(seed=0), max_concurrent=4)
+        search_alg = OptunaSearch(seed=0)
     scheduler = ASHAScheduler(
         time_attr="training_iteration",
         max_t=epochs
@@ -88,6 +87,7 @@ def _search(sw: SweepCfg, epochs: int) -> dict[str, Any]:
         "num_samples": sw.num_samples,
         "scheduler": scheduler,
         "search_alg": search_alg,
+        "max_concurrent": sw.max_concurrent,
         "metric": METRIC,
         "mode": "max",
         "id": to_dict(sw),  # a stable key for the Ray experiment's name (schedulers have no stable repr)

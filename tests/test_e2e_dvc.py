@@ -160,10 +160,15 @@ def test_dvc_repro_end_to_end(tmp_path):
     assert "<!-- begin generated: ablation -->" in doc and "t4_cplg" in doc
     assert (work / "docs/ablation/ablation_curves.png").stat().st_size > 1000
     trials = pd.read_csv(work / "results/sweeps/explore/trials.csv")
-    assert len(trials) == 6 and trials["stopped_early"].any() and not trials["stopped_early"].all()
+    # Which trials ASHA stops is its call on tiny-model noise and arrival order (none, some), so the
+    # stop itself is tested with a scheduler that must stop (test_orchestrate); here: consistency.
+    assert len(trials) == 6 and trials["epochs"].between(1, 3).all()
+    assert (trials["stopped_early"] == (trials["epochs"] < 3)).all()
     assert trials["r"].between(0.5, 0.99).all() and trials["tau_low"].between(0.3, 0.95).all()
     best = json.loads((work / "results/sweeps/explore/best.json").read_text())
-    assert 0.5 <= best["r"] <= 0.99 and best["mode"] == "explore"
+    full = trials[~trials["stopped_early"]]  # the first trial at a rung is never stopped
+    assert best["mode"] == "explore" and best["r"] in set(full["r"])
+    assert best["miou"] == pytest.approx(full["miou"].max())
     assert (work / "results/sweeps/explore/heatmap.png").exists()
     sweep_exp = client.get_experiment_by_name("dssn/sweep-explore")
     statuses = [
@@ -171,7 +176,7 @@ def test_dvc_repro_end_to_end(tmp_path):
         for r in client.search_runs([sweep_exp.experiment_id])
         if r.data.tags.get("role") == "trial"
     ]
-    assert "RUNNING" not in statuses and "KILLED" in statuses
+    assert sorted(statuses) == sorted(["KILLED" if s else "FINISHED" for s in trials["stopped_early"]])
 
     # Nothing changed -> nothing to reproduce, nothing retrained.
     again = dvc(["repro"], work)

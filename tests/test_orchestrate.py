@@ -16,7 +16,8 @@ from mlflow import MlflowClient
 
 from pipeline.cli import main
 from pipeline.config import load_params
-from pipeline.orchestrate import ResourceError, study_specs, trial_resources
+from pipeline.orchestrate import ResourceError, run_cells, search_limit, study_specs, trial_resources
+from pipeline.sweep import _search, sweep_specs
 from tests.conftest import REPO
 from tests.test_e2e_dvc import tiny_params
 
@@ -170,3 +171,77 @@ def test_ddp_trial_with_two_workers(tmp_path):
     steps = [m.step for m in client.get_metric_history(trials[0].info.run_id, "val/miou_student")]
     assert steps == [1, 2]
     assert (root / "results/runs/demo/1_4-resnet18-dssn-s0.json").exists()
+
+
+def test_concurrency_limits_compose_into_one_limiter():
+    """Tune raises when `max_concurrent_trials` meets a ConcurrencyLimiter with another limit, so
+    the sweep's limit and the cluster's (ray.max_concurrent, DDP fit) become one limiter."""
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    assert search_limit(None, 4, None) == (None, 4)  # random search: Tune's own limit
+    assert search_limit(None, None, None) == (None, None)
+    raw = OptunaSearch(seed=0)
+    assert search_limit(raw, None, None) == (raw, None)
+    alg, limit = search_limit(raw, 4, 2)
+    assert isinstance(alg, ConcurrencyLimiter) and alg.max_concurrent == 2 and limit is None
+    alg, limit = search_limit(raw, 3, None)
+    assert alg.max_concurrent == 3 and limit is None
+
+
+def _sweep_params(**sweep) -> dict:
+    params = tiny_params(yaml.safe_load((REPO / "params.yaml").read_text()))
+    params["sweeps"] = {
+        "x": {"study": "demo", "split": "1_4", "r": [0.5, 0.99], "tau_low": [0.3, 0.95], **sweep}
+    }
+    return params
+
+
+def test_explore_search_is_asha_over_the_configured_rungs(tmp_path):
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    params = load_params_from(tmp_path, _sweep_params(mode="explore", grace_period=2, reduction_factor=3))
+    search = _search(params.sweeps["x"], epochs=9)
+    sched = search["scheduler"]
+    assert isinstance(sched, ASHAScheduler) and isinstance(search["search_alg"], OptunaSearch)
+    # max_t one past the budget: survivors finish (and log) on their own; rungs at 2 and 6 epochs
+    assert sched._max_t == 10 and [m for m, _ in sched._brackets[0]._rungs] == [6, 2]
+    assert search["max_concurrent"] == 4 and search["metric"] == "val/miou_student"
+
+
+def load_params_from(root: Path, raw: dict):
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    return load_params(root / "params.yaml")
+
+
+@pytest.mark.slow
+def test_trials_stopped_by_the_scheduler_end_killed_and_one_at_a_time(tmp_path):
+    """A real ASHA whose max_t is below the budget stops every trial after epoch 1, whatever the
+    metrics (ASHA's rung decisions on a tiny model are ties and arrival-order races)."""
+    import ray
+    from ray.tune.schedulers import ASHAScheduler
+
+    raw = _sweep_params(mode="explore", num_samples=2)  # the sweep's own limit: the default 4
+    raw["ray"]["max_concurrent"] = 1  # the cluster's, tighter: used to make Tune raise
+    root = _prepare(tmp_path, raw)
+    params = load_params(root / "params.yaml")
+    specs = sweep_specs(params, "x", root)[:1]
+    assert specs[0].train.epochs == 2
+    search = _search(params.sweeps["x"], specs[0].train.epochs)
+    search["scheduler"] = ASHAScheduler(time_attr="training_iteration", max_t=1, grace_period=1)
+    try:
+        res = run_cells(params, root, "sweep-x", specs, root / "results/sweeps/x/runs", search=search)
+    finally:
+        ray.shutdown()
+    results = list(res["results"])
+    assert len(results) == 2 and res["results"].num_errors == 0
+    assert all(r.metrics["training_iteration"] == 1 for r in results)
+    client, trials = _trial_runs(root, "sweep-x")
+    assert len(trials) == 2 and {t.info.status for t in trials} == {"KILLED"}
+    for t in trials:
+        assert [m.step for m in client.get_metric_history(t.info.run_id, "val/miou_student")] == [1]
+    first, second = sorted(trials, key=lambda t: t.info.start_time)
+    first_done = next(r for r in results if r.config["r"] == float(first.data.params["method.r"]))
+    assert first_done.metrics["timestamp"] * 1000 <= second.info.start_time + 1000  # one at a time
+
