@@ -207,7 +207,11 @@ def _trainable(
             cell=f"{spec.cell}-r{r:.4f}-t{tau:.4f}",
             method=merge(spec.method, {"r": r, "tau_low": tau}, "sweep"),
         )
-    if (Path(runs_dir) / f"{spec.cell}.json").exists():
+    result_file = Path(runs_dir) / f"{spec.cell}.json"
+    if result_file.exists():
+        from pipeline.tracking import close_if_running
+
+        close_if_running(tracking["uri"], json.loads(result_file.read_text())["mlflow_run_id"])
         return
     trial_id = tune.get_context().get_trial_id()
     if workers["n"] <= 1:

@@ -83,6 +83,13 @@ def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     MlflowClient(tracking_uri=uri).set_terminated(run_id, status)
 
 
+def close_if_running(uri: str, run_id: str, status: str = "FINISHED") -> None:
+    """For a trial killed after writing its result file but before closing its run."""
+    client = MlflowClient(tracking_uri=uri)
+    if client.get_run(run_id).info.status == "RUNNING":
+        client.set_terminated(run_id, status)
+
+
 def mark_unfinished(uri: str, experiment_id: str, study: str, status: str = "KILLED") -> None:
     """Close trial runs left RUNNING (trials stopped early by ASHA end without a goodbye)."""
     client = MlflowClient(tracking_uri=uri)

@@ -245,3 +245,20 @@ def test_trials_stopped_by_the_scheduler_end_killed_and_one_at_a_time(tmp_path):
     first_done = next(r for r in results if r.config["r"] == float(first.data.params["method.r"]))
     assert first_done.metrics["timestamp"] * 1000 <= second.info.start_time + 1000  # one at a time
 
+
+def test_a_trial_killed_between_its_result_and_closing_its_run_is_closed_on_resume(tmp_path):
+    """The resumed trial finds its result file and returns at once; its MLflow run, left RUNNING
+    by the kill, must end FINISHED (the driver would otherwise close it as KILLED)."""
+    from pipeline.orchestrate import _trainable
+
+    spec = study_specs(load_params(REPO / "params.yaml"), "demo", REPO)[0]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp_id = client.create_experiment("dssn/demo", artifact_location=(tmp_path / "art").as_uri())
+    run_id = client.create_run(exp_id).info.run_id
+    assert client.get_run(run_id).info.status == "RUNNING"
+    runs_dir = tmp_path / "runs"
+    runs_dir.mkdir()
+    (runs_dir / f"{spec.cell}.json").write_text(json.dumps({"cell": spec.cell, "mlflow_run_id": run_id}))
+    _trainable({"cell": spec.cell}, {spec.cell: spec.to_dict()}, {"uri": uri}, str(runs_dir), {"n": 1})
+    assert client.get_run(run_id).info.status == "FINISHED"
