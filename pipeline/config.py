@@ -195,6 +195,10 @@ class MethodCfg:
     # (all non-ignored pixels kept). The score it reaches bounds what better pseudo-labels could buy
     # and checks the unlabeled branch's plumbing (crops, CutMix compositing, ignore maps).
     oracle_pseudo_labels: bool = False
+    # Beyond the paper (0 = the code): epochs of labeled-only training before the unlabeled branch
+    # starts, the teacher then hard-copied from the warmed-up student, so that the first
+    # pseudo-labels come from a model that is moderate on every class (calibration.md).
+    warmup_epochs: int = 0
 
     def validate(self, key: str) -> None:
         _check(0 < self.r <= 1, f"{key}.r", "a float in (0, 1]", self.r)
@@ -205,6 +209,7 @@ class MethodCfg:
         _check(0 <= self.cutmix_p <= 1, f"{key}.cutmix_p", "a float in [0, 1]", self.cutmix_p)
         for k in ("w_s", "w_fp", "w_con", "global_scale"):
             _check(getattr(self, k) >= 0, f"{key}.{k}", "a float >= 0", getattr(self, k))
+        _check(self.warmup_epochs >= 0, f"{key}.warmup_epochs", "an integer >= 0", self.warmup_epochs)
 
 
 @dataclass(frozen=True)
@@ -226,6 +231,12 @@ class RayCfg:
             f"{key}.gpus_per_trial",
             "null or a float >= 0",
             self.gpus_per_trial,
+        )
+        _check(
+            self.max_concurrent is None or self.max_concurrent >= 0,
+            f"{key}.max_concurrent",
+            "null or an integer >= 0 (0 or null: no limit)",
+            self.max_concurrent,
         )
 
 
@@ -518,8 +529,13 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         )
         # Overrides must be valid for the sections they patch.
         model = merge(params.model, study.overrides.model, f"{key}.overrides.model")
-        merge(params.train, study.overrides.train, f"{key}.overrides.train")
-        merge(params.method, study.overrides.method, f"{key}.overrides.method")
+        train = merge(params.train, study.overrides.train, f"{key}.overrides.train")
+        method = merge(params.method, study.overrides.method, f"{key}.overrides.method")
+        if method.warmup_epochs and method.warmup_epochs >= train.epochs:
+            raise ConfigError(
+                f"params: `{key}`: method.warmup_epochs ({method.warmup_epochs}) must be below "
+                f"train.epochs ({train.epochs}), or the unlabeled branch never starts"
+            )
         for b in study.backbones:
             merge(model, {"backbone": b}, f"{key}.backbones")
     for name, sw in params.sweeps.items():

@@ -177,10 +177,16 @@ class Trainer:
                 self.step_model, self.teacher, b, self.mcfg, self.sup_loss, gen, first_iter=first
             )
 
-    def step(self, b: Batch, gen: torch.Generator, iteration: int, total: int) -> tuple[torch.Tensor, dict]:
-        """Forward, backward, SGD step, poly LR for the next step, EMA update. No host sync."""
+    def step(
+        self, b: Batch, gen: torch.Generator, iteration: int, total: int, semi_start: int = 0
+    ) -> tuple[torch.Tensor, dict]:
+        """Forward, backward, SGD step, poly LR for the next step, EMA update. No host sync.
+
+        `semi_start`: the first iteration with unlabeled data (after a warm-up); until it has run,
+        the teacher is hard-copied from the student, as the reference does after iteration 0."""
+        first = iteration == semi_start
         try:
-            loss, stats = self._forward(b, gen, iteration == 0)
+            loss, stats = self._forward(b, gen, first)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
         except Exception as e:  # noqa: BLE001 - compile failures surface on the first call
@@ -188,7 +194,7 @@ class Trainer:
                 raise
             print(f"torch.compile failed ({type(e).__name__}: {e}); falling back to eager")
             self.step_model, self.compiled = getattr(self.step_model, "_orig_mod", self.student), False
-            loss, stats = self._forward(b, gen, iteration == 0)
+            loss, stats = self._forward(b, gen, first)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
         self.opt.step()
@@ -197,7 +203,7 @@ class Trainer:
         for g in self.opt.param_groups:
             g["lr"] = g["lr0"] * scale
         if self.teacher is not None:
-            ema_update(self.teacher, self.student, 0.0 if iteration == 0 else self.mcfg.ema_keep)
+            ema_update(self.teacher, self.student, 0.0 if iteration <= semi_start else self.mcfg.ema_keep)
         return loss.detach(), stats
 
 
@@ -234,6 +240,11 @@ def fit(
     val = SegList(root, split_dir / "val.txt", "val")
     iters = cfg.iters_per_epoch or len(unl) // cfg.batch_u
     total = iters * cfg.epochs
+    if mcfg.use_unlabeled and mcfg.warmup_epochs >= cfg.epochs:
+        raise ValueError(
+            f"method.warmup_epochs ({mcfg.warmup_epochs}) must be below train.epochs ({cfg.epochs})"
+        )
+    semi_start = iters * mcfg.warmup_epochs
 
     tr = Trainer(spec.model, cfg, mcfg, k, device, ddp=dist.world > 1)
     student, teacher, opt = tr.student, tr.teacher, tr.opt
@@ -260,12 +271,14 @@ def fit(
         gen.manual_seed(spec.seed * 100_003 + epoch * 101 + dist.rank)  # own augmentation draws per rank
         it_l = _cycle(_loader(lab, batch_l, spec.seed * 1000 + epoch, cfg, device, dist))
         it_u = it_m = None
-        if mcfg.use_unlabeled:
+        semi = mcfg.use_unlabeled and epoch >= mcfg.warmup_epochs
+        if semi:
             it_u = _cycle(_loader(unl, batch_u, spec.seed * 1000 + epoch + 1, cfg, device, dist))
             it_m = _cycle(_loader(unl, batch_u, spec.seed * 1000 + epoch + 7, cfg, device, dist))
         student.train()
         if teacher is not None:
-            teacher.train(epoch == 0)  # reference quirk: train-mode BN in epoch 0, eval mode afterwards
+            # reference quirk: train-mode BN in the first (semi-supervised) epoch, eval mode afterwards
+            teacher.train(epoch == mcfg.warmup_epochs)
         acc = _Accum()
         pl_kept = torch.zeros(k, device=device)
         pl_pred = torch.zeros(k, device=device)
@@ -274,7 +287,7 @@ def fit(
             bl = _to(next(it_l), device)
             b = Batch(x=bl["image"], y=bl["mask"])
             bu = None
-            if mcfg.use_unlabeled:
+            if semi:
                 bu, bm = _to(next(it_u), device), _to(next(it_m), device)
                 b = dataclasses.replace(
                     b,
@@ -285,7 +298,7 @@ def fit(
                     u_gt=bu["gt"],
                     m_gt=bm["gt"],
                 )
-            loss, stats = tr.step(b, gen, state["iteration"], total)
+            loss, stats = tr.step(b, gen, state["iteration"], total, semi_start)
             state["iteration"] += 1
             labels, keep = stats.pop("pl_labels", None), stats.pop("pl_keep", None)
             if labels is not None and bu is not None:  # index_add_, not boolean indexing: no host sync

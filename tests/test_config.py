@@ -48,6 +48,18 @@ def test_repo_params_load():
             "missing",
         ),
         (lambda r: r["studies"]["demo"].update(splits=["1_3"]), "studies.demo.splits", "not built"),
+        (lambda r: r["method"].update(warmup_epochs=-1), "method.warmup_epochs", "integer >= 0"),
+        (
+            lambda r: r["studies"]["demo"]["overrides"].update(method={"warmup_epochs": 99}),
+            "studies.demo",
+            "must be below train.epochs",
+        ),
+        (lambda r: r["ray"].update(max_concurrent=-2), "ray.max_concurrent", "integer >= 0"),
+        (
+            lambda r: r.update(sweeps={"s": {"study": "demo", "split": "1_16", "max_concurrent": 0}}),
+            "sweeps.s.max_concurrent",
+            "integer >= 1",
+        ),
         (
             lambda r: r["studies"]["demo"].update(protocol="classic"),
             "studies.demo.protocol",

@@ -64,6 +64,28 @@ def test_teacher_receives_no_gradient_and_follows_ema():
         assert torch.allclose(t, 0.996 * t0 + 0.004 * s, atol=1e-6)
 
 
+def test_warmup_steps_are_labeled_only_and_the_teacher_starts_from_the_warmed_student():
+    """method.warmup_epochs: labeled-only steps before `semi_start`; the teacher is a hard copy of
+    the student until the first semi step has run, then follows the EMA."""
+    torch.manual_seed(0)
+    tr = Trainer(MODEL, TRAIN, MethodCfg(warmup_epochs=1), 4, torch.device("cpu"))
+    sup = dataclasses.replace(batch(), u=None, u_ign=None, m=None, m_ign=None)
+    for it in range(2):
+        _, stats = tr.step(sup, torch.Generator().manual_seed(it), iteration=it, total=10, semi_start=2)
+        assert set(stats) == {"loss_x"}
+        for t, s in zip(tr.teacher.state_dict().values(), tr.student.state_dict().values(), strict=True):
+            assert torch.equal(t, s)
+    _, stats = tr.step(batch(), torch.Generator().manual_seed(2), iteration=2, total=10, semi_start=2)
+    assert float(stats["loss_s"]) == 0.0  # the reference's first-iteration rule moves to semi_start
+    for t, s in zip(tr.teacher.parameters(), tr.student.parameters(), strict=True):
+        assert torch.equal(t, s)
+    t_before = [p.clone() for p in tr.teacher.parameters()]
+    _, stats = tr.step(batch(seed=1), torch.Generator().manual_seed(3), iteration=3, total=10, semi_start=2)
+    for t, t0, s in zip(tr.teacher.parameters(), t_before, tr.student.parameters(), strict=True):
+        assert torch.allclose(t, 0.996 * t0 + 0.004 * s, atol=1e-6)
+    assert "mask_ratio" in stats
+
+
 def test_first_iteration_drops_the_strong_view_loss():
     torch.manual_seed(0)
     tr = Trainer(MODEL, TRAIN, MethodCfg(), 4, torch.device("cpu"))

@@ -68,3 +68,16 @@ def test_oracle_pseudo_labels_through_the_loop(spec):
     assert m["train/pl_accuracy"] == 1.0
     kept = [v for k, v in m.items() if k.startswith("pseudo_kept/") and v == v]  # NaN: class not present
     assert kept and all(v == pytest.approx(1.0) for v in kept)
+
+
+def test_warmup_epoch_trains_on_labels_only(spec):
+    warm = dataclasses.replace(spec, method=dataclasses.replace(spec.method, warmup_epochs=1))
+    seen = []
+    summary = fit(warm, lambda e, m, s: seen.append(m))
+    first, second = seen
+    assert "train/loss_s" not in first and "train/mask_ratio" not in first
+    assert first["train/pl_accuracy"] != first["train/pl_accuracy"]  # NaN: no pseudo-labels yet
+    assert "train/loss_s" in second and 0 <= second["train/mask_ratio"] <= 1
+    assert summary["final/steps"] == 4
+    with pytest.raises(ValueError, match=r"warmup_epochs \(2\) must be below train.epochs \(2\)"):
+        fit(dataclasses.replace(spec, method=dataclasses.replace(spec.method, warmup_epochs=2)))

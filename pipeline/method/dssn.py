@@ -50,7 +50,7 @@ def dssn_step(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Loss of one iteration and its parts (tensors, no host sync)."""
     x = normalize(b.x.float() / 255.0)
-    if not cfg.use_unlabeled:  # supervised-only baseline: the same model, loader and schedule
+    if not cfg.use_unlabeled or b.u is None:  # supervised baseline (or warm-up): same model and schedule
         loss_x = sup_loss(student(x), b.y)
         return loss_x, {"loss_x": loss_x.detach()}
 
