@@ -199,6 +199,11 @@ class MethodCfg:
     # starts, the teacher then hard-copied from the warmed-up student, so that the first
     # pseudo-labels come from a model that is moderate on every class (calibration.md).
     warmup_epochs: int = 0
+    # Beyond the paper ("none" = the code): "selection" reweights the pseudo-label CE terms so that
+    # each class weighs what the teacher predicts of it, not what the confidence gate lets through
+    # (losses.selection_weights; a class's factor is capped at `pl_balance_cap`).
+    pl_balance: Literal["none", "selection"] = "none"
+    pl_balance_cap: float = 10.0
 
     def validate(self, key: str) -> None:
         _check(0 < self.r <= 1, f"{key}.r", "a float in (0, 1]", self.r)
@@ -210,6 +215,7 @@ class MethodCfg:
         for k in ("w_s", "w_fp", "w_con", "global_scale"):
             _check(getattr(self, k) >= 0, f"{key}.{k}", "a float >= 0", getattr(self, k))
         _check(self.warmup_epochs >= 0, f"{key}.warmup_epochs", "an integer >= 0", self.warmup_epochs)
+        _check(self.pl_balance_cap >= 1, f"{key}.pl_balance_cap", "a float >= 1", self.pl_balance_cap)
 
 
 @dataclass(frozen=True)

@@ -86,6 +86,24 @@ def test_warmup_steps_are_labeled_only_and_the_teacher_starts_from_the_warmed_st
     assert "mask_ratio" in stats
 
 
+def test_selection_balance_reweights_only_the_pseudo_label_terms():
+    torch.manual_seed(0)
+    tr = Trainer(MODEL, TRAIN, MethodCfg(), 4, torch.device("cpu"))
+    plain = MethodCfg(selection="fixed", threshold=0.3)  # a random model: some pixels pass
+    balanced = dataclasses.replace(plain, pl_balance="selection")
+    out = {}
+    for name, cfg in (("plain", plain), ("balanced", balanced)):
+        gen = torch.Generator().manual_seed(0)
+        torch.manual_seed(1)  # the same dropout draws
+        _, out[name] = dssn_step(tr.student, tr.teacher, batch(), cfg, supervised_ce, gen)
+    a, b = out["plain"], out["balanced"]
+    for k in ("loss_x", "loss_con_img", "loss_con_feat", "mask_ratio"):
+        assert torch.equal(a[k], b[k]), k
+    assert 0 < float(a["mask_ratio"]) < 1
+    assert float(a["loss_s"]) != pytest.approx(float(b["loss_s"]), rel=1e-4)
+    assert float(a["loss_fp"]) != pytest.approx(float(b["loss_fp"]), rel=1e-4)
+
+
 def test_first_iteration_drops_the_strong_view_loss():
     torch.manual_seed(0)
     tr = Trainer(MODEL, TRAIN, MethodCfg(), 4, torch.device("cpu"))

@@ -15,7 +15,7 @@ from pipeline.config import MethodCfg
 from pipeline.data.transforms import normalize
 from pipeline.method.cplg import cplg_mask, fixed_threshold_mask
 from pipeline.method.cutmix import paste, sample_boxes
-from pipeline.method.losses import consistency_loss, masked_ce
+from pipeline.method.losses import consistency_loss, masked_ce, selection_weights
 from pipeline.method.strong_aug import strong_augment
 
 
@@ -93,12 +93,17 @@ def dssn_step(
             t1, t2, tw = paste(b.u_gt, b.m_gt, box1), paste(b.u_gt, b.m_gt, box2), b.u_gt
             keep1, keep2, keepw = t1 != 255, t2 != 255, tw != 255
     valid1, valid2, validw = ~ign1, ~ign2, ~b.u_ign
+    w1 = w2 = ww = None
+    if cfg.pl_balance == "selection":  # beyond the paper: undo the gate's class skew
+        k, cap = pred_x.shape[1], cfg.pl_balance_cap
+        w1, w2 = selection_weights(t1, keep1, valid1, k, cap), selection_weights(t2, keep2, valid2, k, cap)
+        ww = selection_weights(tw, keepw, validw, k, cap)
 
     loss_x = sup_loss(pred_x, b.y)
-    loss_s = masked_ce(pred_s1, t1, keep1, valid1) + masked_ce(pred_s2, t2, keep2, valid2)
+    loss_s = masked_ce(pred_s1, t1, keep1, valid1, w1) + masked_ce(pred_s2, t2, keep2, valid2, w2)
     if first_iter and cfg.skip_strong_first_iter:
         loss_s = loss_s * 0.0
-    loss_fp = sum((masked_ce(f, tw, keepw, validw) for f in fps), torch.zeros((), device=x.device))
+    loss_fp = sum((masked_ce(f, tw, keepw, validw, ww) for f in fps), torch.zeros((), device=x.device))
     zero = torch.zeros((), device=x.device)
     con_img = consistency_loss(pred_s1, pred_s2, cfg.con_mode) if cfg.con_img else zero
     con_feat = consistency_loss(fps[0], fps[1], cfg.con_mode) if cfg.con_feat and len(fps) == 2 else zero

@@ -9,12 +9,15 @@ from torch import Tensor
 CONSISTENCY_MODES = ("zscore_mse", "raw_l2")
 
 
-def masked_ce(logits: Tensor, target: Tensor, keep: Tensor, valid: Tensor) -> Tensor:
+def masked_ce(
+    logits: Tensor, target: Tensor, keep: Tensor, valid: Tensor, weight: Tensor | None = None
+) -> Tensor:
     """Sum of CE over kept & valid pixels / number of valid pixels (spec §3).
 
     The reference divides by the valid count, not the kept count, so rejected pixels still dilute
     the loss. Targets outside [0, C) (e.g. 255 padding) are replaced before CE and never counted
-    in the numerator. No valid pixel -> 0 that still carries a graph.
+    in the numerator. No valid pixel -> 0 that still carries a graph. `weight`: per-pixel factors
+    on the CE (see `selection_weights`).
     """
     num_classes = logits.shape[1]
     valid = valid.bool()
@@ -22,9 +25,33 @@ def masked_ce(logits: Tensor, target: Tensor, keep: Tensor, valid: Tensor) -> Te
     safe = torch.where(in_range, target, torch.zeros_like(target))
     ce = F.cross_entropy(logits.float(), safe, reduction="none")
     used = keep.bool() & valid & in_range
+    if weight is not None:
+        ce = ce * weight
     # where(), not multiply: a non-finite CE at an unused pixel must not turn the sum into NaN.
     total = torch.where(used, ce, torch.zeros_like(ce)).sum()
     return total / valid.sum().clamp(min=1)
+
+
+def selection_weights(labels: Tensor, keep: Tensor, valid: Tensor, num_classes: int, cap: float) -> Tensor:
+    """Per-pixel weights that undo a selection's class skew (beyond the paper).
+
+    A confidence gate keeps most of the frequent classes' pixels and few of the rare ones', so the
+    unlabeled loss teaches a shifted class prior. Class c's kept pixels are weighted by
+    (c's share of the teacher's predictions) / (c's share of the kept pixels), at most `cap`, then
+    all weights are scaled so the kept pixels' weights sum to their count (the loss keeps its size).
+    Counted over the whole batch; no host sync.
+    """
+    inside = valid.bool() & (labels >= 0) & (labels < num_classes)
+    safe = torch.where(inside, labels, torch.zeros_like(labels))
+    flat = safe.flatten()
+    zeros = torch.zeros(num_classes, device=labels.device)
+    pred = zeros.index_add(0, flat, inside.flatten().float())
+    kept = zeros.index_add(0, flat, (inside & keep.bool()).flatten().float())
+    share_pred = pred / pred.sum().clamp(min=1)
+    share_kept = kept / kept.sum().clamp(min=1)
+    ratio = torch.where(kept > 0, share_pred / share_kept.clamp(min=1e-12), zeros).clamp(max=cap)
+    ratio = ratio * kept.sum() / (ratio * kept).sum().clamp(min=1e-12)
+    return ratio[safe]
 
 
 def supervised_ce(logits: Tensor, target: Tensor, ignore_index: int = 255) -> Tensor:

@@ -5,7 +5,14 @@ import math
 import pytest
 import torch
 
-from pipeline.method.losses import consistency_loss, masked_ce, ohem_ce, supervised_ce, zscore
+from pipeline.method.losses import (
+    consistency_loss,
+    masked_ce,
+    ohem_ce,
+    selection_weights,
+    supervised_ce,
+    zscore,
+)
 
 
 def logits_row(*pixels):
@@ -32,6 +39,31 @@ def test_masked_ce_normalises_by_valid_not_kept_pixels():
     assert out.item() == pytest.approx(expected, rel=1e-6)
     # dividing by the 2 kept pixels instead would give twice that
     assert out.item() != pytest.approx((math.log(2) - math.log(0.75)) / 2, rel=1e-3)
+
+
+def test_selection_weights_undo_the_gate_class_skew():
+    # 9 valid pixels (one more is padding): the teacher predicts class 0 on 6 and class 1 on 2 and
+    # class 2 on 1; the gate keeps 4 of class 0, 1 of class 1, none of class 2.
+    labels = torch.tensor([[[0, 0, 0, 0, 0, 0, 1, 1, 2, 1]]])
+    keep = torch.tensor([[[1, 1, 1, 1, 0, 0, 1, 0, 0, 1]]], dtype=torch.bool)
+    valid = torch.tensor([[[1, 1, 1, 1, 1, 1, 1, 1, 1, 0]]], dtype=torch.bool)
+    w = selection_weights(labels, keep, valid, num_classes=3, cap=10.0)
+    # shares predicted (6/9, 2/9), kept (4/5, 1/5): ratios 5/6 and 10/9; sum 4*5/6 + 10/9 = 40/9
+    # -> scaled by 5 / (40/9) = 9/8: class 0 weighs 15/16, class 1 weighs 5/4
+    assert w[0, 0, 0].item() == pytest.approx(15 / 16)
+    assert w[0, 0, 6].item() == pytest.approx(5 / 4)
+    assert (w[keep & valid]).sum().item() == pytest.approx(5.0)  # the kept pixels keep their count
+    # masked CE with those weights: uniform logits over 3 classes -> CE = ln 3 per kept pixel
+    lg = torch.zeros(1, 3, 1, 10)
+    out = masked_ce(lg, labels, keep, valid, w)
+    assert out.item() == pytest.approx((4 * 15 / 16 + 5 / 4) * math.log(3) / 9)
+    # the cap: class 1's ratio 10/9 capped at 1 -> all ratios below or at 1, then rescaled to sum 5
+    w = selection_weights(labels, keep, valid, num_classes=3, cap=1.0)
+    assert w[0, 0, 0].item() == pytest.approx(5 * (5 / 6) / (4 * 5 / 6 + 1))
+    assert w[0, 0, 6].item() == pytest.approx(5 * 1 / (4 * 5 / 6 + 1))
+    # nothing kept: weights are 0, not NaN
+    w = selection_weights(labels, torch.zeros_like(keep), valid, num_classes=3, cap=10.0)
+    assert torch.equal(w, torch.zeros_like(w))
 
 
 def test_masked_ce_over_a_batch_uses_the_batch_valid_count():
