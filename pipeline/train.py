@@ -24,7 +24,7 @@ from pipeline.data.datasets import SegList
 from pipeline.evaluate import evaluate
 from pipeline.method.dssn import Batch, dssn_step
 from pipeline.method.ema import ema_update, make_teacher
-from pipeline.method.losses import ohem_ce, supervised_ce
+from pipeline.method.losses import class_counts, ohem_ce, supervised_ce
 from pipeline.model import build_model
 
 
@@ -301,11 +301,10 @@ def fit(
             loss, stats = tr.step(b, gen, state["iteration"], total, semi_start)
             state["iteration"] += 1
             labels, keep = stats.pop("pl_labels", None), stats.pop("pl_keep", None)
-            if labels is not None and bu is not None:  # index_add_, not boolean indexing: no host sync
-                inside = labels < k  # the oracle diagnostic's ground-truth labels are 255 where ignored
-                flat = torch.where(inside, labels, 0).flatten()
-                pl_pred.index_add_(0, flat, (~bu["ignore"] & inside).flatten().float())
-                pl_kept.index_add_(0, flat, (keep & inside).flatten().float())
+            if labels is not None and bu is not None:
+                pred, kept = class_counts(labels, keep, ~bu["ignore"], k)
+                pl_pred += pred
+                pl_kept += kept
                 pl_correct += (keep & (labels == bu["gt"])).sum()
             acc.add({"loss": loss.detach(), **stats})
 

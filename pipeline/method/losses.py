@@ -32,6 +32,19 @@ def masked_ce(
     return total / valid.sum().clamp(min=1)
 
 
+def class_counts(labels: Tensor, keep: Tensor, valid: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+    """Per class: valid pixels labelled with it, and those of them kept (index_add: no host sync).
+
+    Labels outside [0, C) (255 where the oracle diagnostic's ground truth is ignored) count nowhere.
+    """
+    inside = valid.bool() & (labels >= 0) & (labels < num_classes)
+    flat = torch.where(inside, labels, torch.zeros_like(labels)).flatten()
+    zeros = torch.zeros(num_classes, device=labels.device)
+    pred = zeros.index_add(0, flat, inside.flatten().float())
+    kept = zeros.index_add(0, flat, (inside & keep.bool()).flatten().float())
+    return pred, kept
+
+
 def selection_weights(labels: Tensor, keep: Tensor, valid: Tensor, num_classes: int, cap: float) -> Tensor:
     """Per-pixel weights that undo a selection's class skew (beyond the paper).
 
@@ -41,12 +54,9 @@ def selection_weights(labels: Tensor, keep: Tensor, valid: Tensor, num_classes: 
     all weights are scaled so the kept pixels' weights sum to their count (the loss keeps its size).
     Counted over the whole batch; no host sync.
     """
-    inside = valid.bool() & (labels >= 0) & (labels < num_classes)
-    safe = torch.where(inside, labels, torch.zeros_like(labels))
-    flat = safe.flatten()
-    zeros = torch.zeros(num_classes, device=labels.device)
-    pred = zeros.index_add(0, flat, inside.flatten().float())
-    kept = zeros.index_add(0, flat, (inside & keep.bool()).flatten().float())
+    pred, kept = class_counts(labels, keep, valid, num_classes)
+    safe = torch.where((labels >= 0) & (labels < num_classes), labels, torch.zeros_like(labels))
+    zeros = torch.zeros_like(pred)
     share_pred = pred / pred.sum().clamp(min=1)
     share_kept = kept / kept.sum().clamp(min=1)
     ratio = torch.where(kept > 0, share_pred / share_kept.clamp(min=1e-12), zeros).clamp(max=cap)
