@@ -335,7 +335,6 @@ def _run_cell(
         _save(student.state_dict(), last_file)
         run.set_tags(
             {
-                "checkpoint.state": str(ckpt),
                 "checkpoint.best": str(best_file),
                 "checkpoint.last": str(last_file),
             }
@@ -360,6 +359,9 @@ def _run_cell(
         }
         write_json(result_file, out)
         run.finish("FINISHED")
+        # The resume state (student, teacher, optimizer: 3x the weights) only serves an unfinished
+        # cell; a finished one returns early on its result file, so it is dead weight from here.
+        ckpt.unlink(missing_ok=True)
     except SystemExit:  # Tune stopped the trial (an ASHA decision): not a failure
         if run is not None:
             run.finish("KILLED")

@@ -91,6 +91,9 @@ def test_four_trials_run_concurrently(tmp_path):
     starts = [r.info.start_time for r in trials]
     ends = [r.info.end_time for r in trials]
     assert max(starts) < min(ends), "the 4 trials did not overlap in time"
+    cells = {p.parent.name for p in root.glob("**/cells/*/last.pt")}
+    assert len(cells) == 4 and cells == {p.parent.name for p in root.glob("**/cells/*/best.pt")}
+    assert not list(root.glob("**/cells/*/state.pt")), "a finished cell kept its resume state"
 
 
 @pytest.mark.slow

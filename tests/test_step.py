@@ -129,7 +129,7 @@ def test_total_loss_combines_terms_with_the_code_weights():
         + 0.25 * st["loss_fp"]
         + 0.01 * (st["loss_con_img"] + st["loss_con_feat"])
     )
-    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-5)
 
 
 def test_oracle_pseudo_labels_are_the_ground_truth_whatever_the_teacher():
