@@ -177,10 +177,12 @@ class MethodCfg:
     n_fp: Literal[0, 1, 2] = 2  # feature-level (channel-dropout) views
     fp_dropout: float = 0.5
     fp_levels: Literal["both", "high"] = "both"  # code drops c1 and c4; the paper says high level only
-    selection: Literal["cplg", "fixed"] = "cplg"
+    # "adaptive" is beyond the paper: FreeMatch-style per-class thresholds (cplg.AdaptiveThresholds)
+    selection: Literal["cplg", "fixed", "adaptive"] = "cplg"
     r: float = 0.96
     tau_low: float = 0.92
     threshold: float = 0.95  # fixed-threshold selection (UniMatch, Fig. 4 baselines)
+    adaptive_momentum: float = 0.999  # EMA keep per step of the adaptive thresholds (FreeMatch's)
     con_img: bool = True  # image-level logit consistency (s1 vs s2)
     con_feat: bool = True  # feature-level logit consistency (fp vs Fp)
     con_mode: Literal["zscore_mse", "raw_l2"] = "zscore_mse"  # code vs paper formula
@@ -209,6 +211,12 @@ class MethodCfg:
         _check(0 < self.r <= 1, f"{key}.r", "a float in (0, 1]", self.r)
         _check(0 <= self.tau_low < 1, f"{key}.tau_low", "a float in [0, 1)", self.tau_low)
         _check(0 <= self.threshold <= 1, f"{key}.threshold", "a float in [0, 1]", self.threshold)
+        _check(
+            0 <= self.adaptive_momentum < 1,
+            f"{key}.adaptive_momentum",
+            "a float in [0, 1)",
+            self.adaptive_momentum,
+        )
         _check(0 <= self.ema_keep < 1, f"{key}.ema_keep", "a float in [0, 1)", self.ema_keep)
         _check(0 <= self.fp_dropout < 1, f"{key}.fp_dropout", "a float in [0, 1)", self.fp_dropout)
         _check(0 <= self.cutmix_p <= 1, f"{key}.cutmix_p", "a float in [0, 1]", self.cutmix_p)

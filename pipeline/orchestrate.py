@@ -318,7 +318,13 @@ def _run_cell(
                     best["miou"] = miou
                     _save(state["student"], best_file)
                 _save(state, ckpt)
-            report({k: v for k, v in metrics.items() if not k.startswith(("val_class", "pseudo_kept"))})
+            report(
+                {
+                    k: v
+                    for k, v in metrics.items()
+                    if not k.startswith(("val_class", "pseudo_kept", "pl_threshold"))
+                }
+            )
 
         summary = fit(spec, on_epoch, resume, dist=dist, device=device)
         if run is None:

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from pipeline.config import DatasetCfg, MethodCfg, ModelCfg, TrainCfg, build, to_dict
 from pipeline.data.datasets import SegList
 from pipeline.evaluate import evaluate
+from pipeline.method.cplg import AdaptiveThresholds
 from pipeline.method.dssn import Batch, dssn_step
 from pipeline.method.ema import ema_update, make_teacher
 from pipeline.method.losses import class_counts, ohem_ce, supervised_ce
@@ -145,6 +146,11 @@ class Trainer:
             student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
         self.student = student.to(device)
         self.teacher = make_teacher(self.student) if (mcfg.use_unlabeled and mcfg.teacher) else None
+        self.adaptive = (
+            AdaptiveThresholds(num_classes, mcfg.adaptive_momentum, device)
+            if mcfg.use_unlabeled and mcfg.selection == "adaptive"
+            else None
+        )
         if cuda and cfg.channels_last:
             self.student = self.student.to(memory_format=torch.channels_last)
             if self.teacher is not None:
@@ -174,7 +180,7 @@ class Trainer:
     def _forward(self, b: Batch, gen: torch.Generator, first: bool):
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             return dssn_step(
-                self.step_model, self.teacher, b, self.mcfg, self.sup_loss, gen, first_iter=first
+                self.step_model, self.teacher, b, self.mcfg, self.sup_loss, gen, first, self.adaptive
             )
 
     def step(
@@ -255,6 +261,8 @@ def fit(
         if teacher is not None and resume.get("teacher") is not None:
             teacher.load_state_dict(resume["teacher"])
         opt.load_state_dict(resume["optimizer"])
+        if tr.adaptive is not None and resume.get("adaptive") is not None:
+            tr.adaptive.load_state_dict(resume["adaptive"])
         state = {k_: resume[k_] for k_ in ("epoch", "iteration", "history", "best")}
         state["last_eval"] = resume.get("last_eval", {})  # a trial killed after its last epoch
         if "rng" in resume:  # the global RNGs drive dropout and the loaders' per-sample draws
@@ -316,6 +324,9 @@ def fit(
             for c, name in enumerate(spec.class_names):
                 p = pl_pred[c].item()
                 epoch_metrics[f"pseudo_kept/{name}"] = pl_kept[c].item() / p if p else float("nan")
+        if tr.adaptive is not None:
+            for name, t in zip(spec.class_names, tr.adaptive.value().tolist(), strict=True):
+                epoch_metrics[f"pl_threshold/{name}"] = t
         state["epoch"] = epoch + 1
         last = epoch + 1 == cfg.epochs
         if dist.main and ((epoch + 1) % cfg.eval_every == 0 or last):
@@ -342,6 +353,7 @@ def fit(
                 "student": student.state_dict(),
                 "teacher": teacher.state_dict() if teacher is not None else None,
                 "optimizer": opt.state_dict(),
+                "adaptive": tr.adaptive.state_dict() if tr.adaptive is not None else None,
                 **copy.deepcopy(state),  # a snapshot: later epochs must not alter it
                 "spec": spec.to_dict(),
                 "rng": {  # so that a resumed trial repeats the uninterrupted one exactly

@@ -49,6 +49,8 @@ def test_repo_params_load():
         ),
         (lambda r: r["studies"]["demo"].update(splits=["1_3"]), "studies.demo.splits", "not built"),
         (lambda r: r["method"].update(warmup_epochs=-1), "method.warmup_epochs", "integer >= 0"),
+        (lambda r: r["method"].update(adaptive_momentum=1.0), "method.adaptive_momentum", "in [0, 1)"),
+        (lambda r: r["method"].update(selection="flex"), "method.selection", "adaptive"),
         (
             lambda r: r["studies"]["demo"]["overrides"].update(method={"warmup_epochs": 99}),
             "studies.demo",

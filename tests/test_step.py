@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from pipeline.config import VARIANTS, MethodCfg, ModelCfg, TrainCfg, method_for_variant
+from pipeline.data.transforms import normalize
+from pipeline.method.cplg import AdaptiveThresholds
 from pipeline.method.dssn import Batch, dssn_step
 from pipeline.method.losses import supervised_ce
 from pipeline.train import Trainer
@@ -167,3 +169,28 @@ def test_oracle_pseudo_labels_are_the_ground_truth_whatever_the_teacher():
             supervised_ce,
             torch.Generator().manual_seed(0),
         )
+
+
+def test_adaptive_selection_learns_from_the_teachers_maps_of_both_unlabeled_batches():
+    """momentum 0: after one step the state is this batch's statistics, recomputed here from the
+    teacher's own maps of u and m; without its state the step refuses to run."""
+    torch.manual_seed(0)
+    cfg = MethodCfg(selection="adaptive", adaptive_momentum=0.0)
+    tr = Trainer(MODEL, TRAIN, cfg, 4, torch.device("cpu"))
+    tr.teacher.eval()
+    b = batch()
+    with torch.no_grad():
+        prob = torch.cat([tr.teacher(normalize(b.u.float() / 255)), tr.teacher(normalize(b.m.float() / 255))])
+    prob = prob.softmax(1)
+    valid = ~torch.cat([b.u_ign, b.m_ign])
+    conf, labels = prob.max(1)
+    state = AdaptiveThresholds(4, momentum=0.0)
+    _, stats = dssn_step(tr.student, tr.teacher, b, cfg, supervised_ce, torch.Generator(), adaptive=state)
+    assert float(state.g) == pytest.approx(float(conf[valid].mean()), rel=1e-5)
+    for j in range(4):
+        sel = valid & (labels == j)
+        expected = float(conf[sel].mean()) if sel.any() else 0.25
+        assert float(state.c[j]) == pytest.approx(expected, rel=1e-5), j
+    assert 0 < float(stats["mask_ratio"]) < 1  # thresholds below the max confidence: some pass
+    with pytest.raises(ValueError, match="adaptive"):
+        dssn_step(tr.student, tr.teacher, b, cfg, supervised_ce, torch.Generator())

@@ -81,3 +81,24 @@ def test_warmup_epoch_trains_on_labels_only(spec):
     assert summary["final/steps"] == 4
     with pytest.raises(ValueError, match=r"warmup_epochs \(2\) must be below train.epochs \(2\)"):
         fit(dataclasses.replace(spec, method=dataclasses.replace(spec.method, warmup_epochs=2)))
+
+
+def test_adaptive_thresholds_are_logged_and_resumed(spec):
+    """`selection: adaptive` keeps state across steps: it is logged per class each epoch and saved in
+    the checkpoint, so a resumed trial continues with the same thresholds (bit-exact)."""
+    ada = dataclasses.replace(
+        spec, method=dataclasses.replace(spec.method, selection="adaptive", adaptive_momentum=0.5)
+    )
+    seen, states = [], []
+    full = fit(ada, lambda e, m, s: (seen.append(m), states.append(copy.deepcopy(s))))
+    th = [{k: v for k, v in m.items() if k.startswith("pl_threshold/")} for m in seen]
+    assert len(th[0]) == len(spec.class_names) and all(0 < v <= 1 for v in th[0].values())
+    assert th[0] != th[1] and max(th[1].values()) != pytest.approx(1 / len(spec.class_names))
+    assert states[0]["adaptive"] is not None
+    resumed = []
+    out = fit(ada, lambda e, m, s: resumed.append(m), resume=states[0])
+    assert {k: v for k, v in resumed[0].items() if k.startswith("pl_threshold/")} == th[1]
+    for a, b in zip(
+        full["_student"].state_dict().values(), out["_student"].state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b)

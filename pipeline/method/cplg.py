@@ -1,4 +1,4 @@
-"""Pseudo-label selection: CPLG (class-wise, per image) and a fixed confidence threshold.
+"""Pseudo-label selection: CPLG (class-wise, per image), a fixed threshold, adaptive per-class thresholds.
 
 CPLG as the released code implements it (the paper's Eq. 21 is missing; dssn-method.md §2):
 per image n and class j, m[n, j] = max over all H*W pixels of p_j (padding and pasted CutMix
@@ -64,3 +64,59 @@ def keep_ratio_per_class(
         0, flat, (keep.bool() & valid).flatten().float()
     )
     return torch.where(predicted > 0, kept / predicted.clamp(min=1), torch.full_like(predicted, float("nan")))
+
+
+def adaptive_mask(prob: Tensor, thresholds: Tensor, ignore: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Per-class thresholds (C,): a pixel is kept when its max probability is >= its argmax class's."""
+    conf, labels = _upcast(prob).max(dim=1)
+    keep = conf >= thresholds.to(conf.dtype)[labels]
+    return labels, _drop_ignored(keep, ignore)
+
+
+class AdaptiveThresholds:
+    """Beyond the paper: self-adaptive per-class thresholds (FreeMatch, Wang et al. ICLR'23) for
+    segmentation, so a class the teacher is never sure of still gets pseudo-labels.
+
+    State, EMAs over the teacher's valid unlabeled pixels: `g`, the mean max-probability, and
+    `c[j]`, the mean max-probability of the pixels predicted as class j (FreeMatch averages p_j
+    over every pixel instead, which in segmentation tracks class frequency, not confidence).
+    Threshold of class j: g * c[j] / max(c). Both start at 1/C (FreeMatch): few pixels are rejected
+    early on and the thresholds rise with the teacher. A class absent from a batch keeps its value.
+    Under DDP the batch sums are all-reduced first, so every rank holds the same thresholds.
+    """
+
+    def __init__(self, num_classes: int, momentum: float = 0.999, device: torch.device | str = "cpu"):
+        self.momentum = momentum
+        self.g = torch.full((), 1.0 / num_classes, device=device)
+        self.c = torch.full((num_classes,), 1.0 / num_classes, device=device)
+
+    def value(self) -> Tensor:
+        return self.g * self.c / self.c.max()
+
+    @torch.no_grad()
+    def update(self, prob: Tensor, valid: Tensor) -> None:
+        """One EMA step from softmax maps (N, C, H, W) and their valid pixels (N, H, W). No host sync."""
+        conf, labels = prob.max(dim=1)
+        conf = conf.to(self.c.dtype)
+        w = valid.to(conf.dtype).flatten()
+        k = self.c.numel()
+        sums = torch.cat(
+            [
+                torch.zeros(k, device=conf.device).index_add_(0, labels.flatten(), conf.flatten() * w),
+                torch.zeros(k, device=conf.device).index_add_(0, labels.flatten(), w),
+            ]
+        )
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(sums)
+        conf_sum, count = sums[:k], sums[k:]
+        m = self.momentum
+        seen = count > 0
+        self.c = torch.where(seen, m * self.c + (1 - m) * conf_sum / count.clamp(min=1), self.c)
+        total = count.sum()
+        self.g = torch.where(total > 0, m * self.g + (1 - m) * conf_sum.sum() / total.clamp(min=1), self.g)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"g": self.g.cpu(), "c": self.c.cpu()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.g, self.c = state["g"].to(self.g.device), state["c"].to(self.c.device)

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from pipeline.config import MethodCfg
 from pipeline.data.transforms import normalize
-from pipeline.method.cplg import cplg_mask, fixed_threshold_mask
+from pipeline.method.cplg import AdaptiveThresholds, adaptive_mask, cplg_mask, fixed_threshold_mask
 from pipeline.method.cutmix import paste, sample_boxes
 from pipeline.method.losses import consistency_loss, masked_ce, selection_weights
 from pipeline.method.strong_aug import strong_augment
@@ -33,9 +33,15 @@ class Batch:
     m_gt: Tensor | None = None  # the `oracle_pseudo_labels` diagnostic only
 
 
-def select(prob: Tensor, ignore: Tensor, cfg: MethodCfg) -> tuple[Tensor, Tensor]:
+def select(
+    prob: Tensor, ignore: Tensor, cfg: MethodCfg, adaptive: AdaptiveThresholds | None = None
+) -> tuple[Tensor, Tensor]:
     if cfg.selection == "cplg":
         return cplg_mask(prob, r=cfg.r, tau_low=cfg.tau_low, ignore=ignore)
+    if cfg.selection == "adaptive":
+        if adaptive is None:
+            raise ValueError("method.selection 'adaptive' needs its AdaptiveThresholds state")
+        return adaptive_mask(prob, adaptive.value(), ignore=ignore)
     return fixed_threshold_mask(prob, threshold=cfg.threshold, ignore=ignore)
 
 
@@ -47,8 +53,11 @@ def dssn_step(
     sup_loss,
     gen: torch.Generator,
     first_iter: bool = False,
+    adaptive: AdaptiveThresholds | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Loss of one iteration and its parts (tensors, no host sync)."""
+    """Loss of one iteration and its parts (tensors, no host sync).
+
+    `adaptive`: the state of `selection: adaptive`, updated here from the teacher's maps."""
     x = normalize(b.x.float() / 255.0)
     if not cfg.use_unlabeled or b.u is None:  # supervised baseline (or warm-up): same model and schedule
         loss_x = sup_loss(student(x), b.y)
@@ -85,10 +94,12 @@ def dssn_step(
             logit_m = student(normalize(m01))
             student.train()
             logit_w = pred_w.detach()
+        if cfg.selection == "adaptive" and adaptive is not None:  # this step's thresholds see this batch
+            adaptive.update(torch.cat([logit_w, logit_m]).softmax(1), ~torch.cat([b.u_ign, b.m_ign]))
         ign1, ign2 = paste(b.u_ign, b.m_ign, box1), paste(b.u_ign, b.m_ign, box2)
-        t1, keep1 = select(paste(logit_w, logit_m, box1).softmax(1), ign1, cfg)
-        t2, keep2 = select(paste(logit_w, logit_m, box2).softmax(1), ign2, cfg)
-        tw, keepw = select(pred_w.detach().softmax(1), b.u_ign, cfg)
+        t1, keep1 = select(paste(logit_w, logit_m, box1).softmax(1), ign1, cfg, adaptive)
+        t2, keep2 = select(paste(logit_w, logit_m, box2).softmax(1), ign2, cfg, adaptive)
+        tw, keepw = select(pred_w.detach().softmax(1), b.u_ign, cfg, adaptive)
         if cfg.oracle_pseudo_labels:  # diagnostic upper bound: ground truth, every labeled pixel kept
             t1, t2, tw = paste(b.u_gt, b.m_gt, box1), paste(b.u_gt, b.m_gt, box2), b.u_gt
             keep1, keep2, keepw = t1 != 255, t2 != 255, tw != 255
