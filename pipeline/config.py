@@ -206,6 +206,10 @@ class MethodCfg:
     # (losses.selection_weights; a class's factor is capped at `pl_balance_cap`).
     pl_balance: Literal["none", "selection"] = "none"
     pl_balance_cap: float = 10.0
+    # Beyond the paper (False = the code): distribution alignment of the pseudo-label maps before
+    # selection (method/align.py), with EMAs of momentum `pl_align_momentum` per step.
+    pl_align: bool = False
+    pl_align_momentum: float = 0.999
 
     def validate(self, key: str) -> None:
         _check(0 < self.r <= 1, f"{key}.r", "a float in (0, 1]", self.r)
@@ -216,6 +220,12 @@ class MethodCfg:
             f"{key}.adaptive_momentum",
             "a float in [0, 1)",
             self.adaptive_momentum,
+        )
+        _check(
+            0 <= self.pl_align_momentum < 1,
+            f"{key}.pl_align_momentum",
+            "a float in [0, 1)",
+            self.pl_align_momentum,
         )
         _check(0 <= self.ema_keep < 1, f"{key}.ema_keep", "a float in [0, 1)", self.ema_keep)
         _check(0 <= self.fp_dropout < 1, f"{key}.fp_dropout", "a float in [0, 1)", self.fp_dropout)

@@ -322,7 +322,7 @@ def _run_cell(
                 {
                     k: v
                     for k, v in metrics.items()
-                    if not k.startswith(("val_class", "pseudo_kept", "pl_threshold"))
+                    if not k.startswith(("val_class", "pseudo_kept", "pl_threshold", "pl_align"))
                 }
             )
 

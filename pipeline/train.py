@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from pipeline.config import DatasetCfg, MethodCfg, ModelCfg, TrainCfg, build, to_dict
 from pipeline.data.datasets import SegList
 from pipeline.evaluate import evaluate
+from pipeline.method.align import DistributionAlignment
 from pipeline.method.cplg import AdaptiveThresholds
 from pipeline.method.dssn import Batch, dssn_step
 from pipeline.method.ema import ema_update, make_teacher
@@ -151,6 +152,11 @@ class Trainer:
             if mcfg.use_unlabeled and mcfg.selection == "adaptive"
             else None
         )
+        self.align = (
+            DistributionAlignment(num_classes, mcfg.pl_align_momentum, device)
+            if mcfg.use_unlabeled and mcfg.pl_align
+            else None
+        )
         if cuda and cfg.channels_last:
             self.student = self.student.to(memory_format=torch.channels_last)
             if self.teacher is not None:
@@ -180,7 +186,15 @@ class Trainer:
     def _forward(self, b: Batch, gen: torch.Generator, first: bool):
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             return dssn_step(
-                self.step_model, self.teacher, b, self.mcfg, self.sup_loss, gen, first, self.adaptive
+                self.step_model,
+                self.teacher,
+                b,
+                self.mcfg,
+                self.sup_loss,
+                gen,
+                first,
+                self.adaptive,
+                self.align,
             )
 
     def step(
@@ -263,6 +277,8 @@ def fit(
         opt.load_state_dict(resume["optimizer"])
         if tr.adaptive is not None and resume.get("adaptive") is not None:
             tr.adaptive.load_state_dict(resume["adaptive"])
+        if tr.align is not None and resume.get("align") is not None:
+            tr.align.load_state_dict(resume["align"])
         state = {k_: resume[k_] for k_ in ("epoch", "iteration", "history", "best")}
         state["last_eval"] = resume.get("last_eval", {})  # a trial killed after its last epoch
         if "rng" in resume:  # the global RNGs drive dropout and the loaders' per-sample draws
@@ -327,6 +343,10 @@ def fit(
         if tr.adaptive is not None:
             for name, t in zip(spec.class_names, tr.adaptive.value().tolist(), strict=True):
                 epoch_metrics[f"pl_threshold/{name}"] = t
+        if tr.align is not None:
+            ratio = (tr.align.prior / tr.align.pred.clamp(min=1e-6)).tolist()
+            for name, a in zip(spec.class_names, ratio, strict=True):
+                epoch_metrics[f"pl_align/{name}"] = a
         state["epoch"] = epoch + 1
         last = epoch + 1 == cfg.epochs
         if dist.main and ((epoch + 1) % cfg.eval_every == 0 or last):
@@ -354,6 +374,7 @@ def fit(
                 "teacher": teacher.state_dict() if teacher is not None else None,
                 "optimizer": opt.state_dict(),
                 "adaptive": tr.adaptive.state_dict() if tr.adaptive is not None else None,
+                "align": tr.align.state_dict() if tr.align is not None else None,
                 **copy.deepcopy(state),  # a snapshot: later epochs must not alter it
                 "spec": spec.to_dict(),
                 "rng": {  # so that a resumed trial repeats the uninterrupted one exactly

@@ -51,6 +51,7 @@ def test_repo_params_load():
         (lambda r: r["method"].update(warmup_epochs=-1), "method.warmup_epochs", "integer >= 0"),
         (lambda r: r["method"].update(adaptive_momentum=1.0), "method.adaptive_momentum", "in [0, 1)"),
         (lambda r: r["method"].update(selection="flex"), "method.selection", "adaptive"),
+        (lambda r: r["method"].update(pl_align_momentum=-0.1), "method.pl_align_momentum", "in [0, 1)"),
         (
             lambda r: r["studies"]["demo"]["overrides"].update(method={"warmup_epochs": 99}),
             "studies.demo",

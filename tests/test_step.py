@@ -10,6 +10,7 @@ import torch
 
 from pipeline.config import VARIANTS, MethodCfg, ModelCfg, TrainCfg, method_for_variant
 from pipeline.data.transforms import normalize
+from pipeline.method.align import DistributionAlignment
 from pipeline.method.cplg import AdaptiveThresholds
 from pipeline.method.dssn import Batch, dssn_step
 from pipeline.method.losses import supervised_ce
@@ -193,4 +194,24 @@ def test_adaptive_selection_learns_from_the_teachers_maps_of_both_unlabeled_batc
         assert float(state.c[j]) == pytest.approx(expected, rel=1e-5), j
     assert 0 < float(stats["mask_ratio"]) < 1  # thresholds below the max confidence: some pass
     with pytest.raises(ValueError, match="adaptive"):
+        dssn_step(tr.student, tr.teacher, b, cfg, supervised_ce, torch.Generator())
+
+
+def test_distribution_alignment_learns_from_labels_and_teacher():
+    """momentum 0: the state is this step's labeled class frequencies and the teacher's mean
+    probabilities over the valid pixels of u and m."""
+    torch.manual_seed(0)
+    cfg = MethodCfg(selection="fixed", threshold=0.3, pl_align=True, pl_align_momentum=0.0)
+    tr = Trainer(MODEL, TRAIN, cfg, 4, torch.device("cpu"))
+    tr.teacher.eval()
+    b = batch()
+    with torch.no_grad():
+        prob = torch.cat([tr.teacher(normalize(b.u.float() / 255)), tr.teacher(normalize(b.m.float() / 255))])
+    prob = prob.softmax(1)
+    valid = ~torch.cat([b.u_ign, b.m_ign])
+    state = DistributionAlignment(4, momentum=0.0)
+    dssn_step(tr.student, tr.teacher, b, cfg, supervised_ce, torch.Generator(), align=state)
+    assert torch.allclose(state.pred, prob.permute(0, 2, 3, 1)[valid].mean(0), atol=1e-5)
+    assert torch.allclose(state.prior, torch.bincount(b.y.flatten(), minlength=4).float() / b.y.numel())
+    with pytest.raises(ValueError, match="pl_align"):
         dssn_step(tr.student, tr.teacher, b, cfg, supervised_ce, torch.Generator())

@@ -83,21 +83,27 @@ def test_warmup_epoch_trains_on_labels_only(spec):
         fit(dataclasses.replace(spec, method=dataclasses.replace(spec.method, warmup_epochs=2)))
 
 
-def test_adaptive_thresholds_are_logged_and_resumed(spec):
-    """`selection: adaptive` keeps state across steps: it is logged per class each epoch and saved in
-    the checkpoint, so a resumed trial continues with the same thresholds (bit-exact)."""
+def test_adaptive_thresholds_and_alignment_are_logged_and_resumed(spec):
+    """`selection: adaptive` and `pl_align` keep state across steps: logged per class each epoch and
+    saved in the checkpoint, so a resumed trial continues with the same state (bit-exact)."""
     ada = dataclasses.replace(
-        spec, method=dataclasses.replace(spec.method, selection="adaptive", adaptive_momentum=0.5)
+        spec,
+        method=dataclasses.replace(
+            spec.method, selection="adaptive", adaptive_momentum=0.5, pl_align=True, pl_align_momentum=0.5
+        ),
     )
     seen, states = [], []
     full = fit(ada, lambda e, m, s: (seen.append(m), states.append(copy.deepcopy(s))))
     th = [{k: v for k, v in m.items() if k.startswith("pl_threshold/")} for m in seen]
     assert len(th[0]) == len(spec.class_names) and all(0 < v <= 1 for v in th[0].values())
     assert th[0] != th[1] and max(th[1].values()) != pytest.approx(1 / len(spec.class_names))
-    assert states[0]["adaptive"] is not None
+    al = [{k: v for k, v in m.items() if k.startswith("pl_align/")} for m in seen]
+    assert len(al[0]) == len(spec.class_names) and al[0] != al[1]
+    assert states[0]["adaptive"] is not None and states[0]["align"] is not None
     resumed = []
     out = fit(ada, lambda e, m, s: resumed.append(m), resume=states[0])
     assert {k: v for k, v in resumed[0].items() if k.startswith("pl_threshold/")} == th[1]
+    assert {k: v for k, v in resumed[0].items() if k.startswith("pl_align/")} == al[1]
     for a, b in zip(
         full["_student"].state_dict().values(), out["_student"].state_dict().values(), strict=True
     ):

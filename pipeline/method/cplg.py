@@ -66,6 +66,13 @@ def keep_ratio_per_class(
     return torch.where(predicted > 0, kept / predicted.clamp(min=1), torch.full_like(predicted, float("nan")))
 
 
+def sync_sum(t: Tensor) -> Tensor:
+    """Sum over the DDP group in place (identity outside one): pseudo-label state stays identical on every rank."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+    return t
+
+
 def adaptive_mask(prob: Tensor, thresholds: Tensor, ignore: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Per-class thresholds (C,): a pixel is kept when its max probability is >= its argmax class's."""
     conf, labels = _upcast(prob).max(dim=1)
@@ -106,8 +113,7 @@ class AdaptiveThresholds:
                 torch.zeros(k, device=conf.device).index_add_(0, labels.flatten(), w),
             ]
         )
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(sums)
+        sums = sync_sum(sums)
         conf_sum, count = sums[:k], sums[k:]
         m = self.momentum
         seen = count > 0

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from pipeline.config import MethodCfg
 from pipeline.data.transforms import normalize
+from pipeline.method.align import DistributionAlignment
 from pipeline.method.cplg import AdaptiveThresholds, adaptive_mask, cplg_mask, fixed_threshold_mask
 from pipeline.method.cutmix import paste, sample_boxes
 from pipeline.method.losses import consistency_loss, masked_ce, selection_weights
@@ -54,15 +55,18 @@ def dssn_step(
     gen: torch.Generator,
     first_iter: bool = False,
     adaptive: AdaptiveThresholds | None = None,
+    align: DistributionAlignment | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Loss of one iteration and its parts (tensors, no host sync).
 
-    `adaptive`: the state of `selection: adaptive`, updated here from the teacher's maps."""
+    `adaptive`, `align`: the states of `selection: adaptive` and `pl_align`, updated here."""
     x = normalize(b.x.float() / 255.0)
     if not cfg.use_unlabeled or b.u is None:  # supervised baseline (or warm-up): same model and schedule
         loss_x = sup_loss(student(x), b.y)
         return loss_x, {"loss_x": loss_x.detach()}
 
+    if cfg.pl_align and align is None:
+        raise ValueError("method.pl_align needs its DistributionAlignment state")
     if cfg.oracle_pseudo_labels and (b.u_gt is None or b.m_gt is None):
         raise ValueError(
             "method.oracle_pseudo_labels needs the unlabeled ground truth (Batch.u_gt, Batch.m_gt)"
@@ -94,12 +98,18 @@ def dssn_step(
             logit_m = student(normalize(m01))
             student.train()
             logit_w = pred_w.detach()
-        if cfg.selection == "adaptive" and adaptive is not None:  # this step's thresholds see this batch
-            adaptive.update(torch.cat([logit_w, logit_m]).softmax(1), ~torch.cat([b.u_ign, b.m_ign]))
+        # Beyond the paper, stateful, each updated from this batch first: distribution alignment of
+        # the maps, then adaptive per-class thresholds on the aligned maps.
+        valid_um = ~torch.cat([b.u_ign, b.m_ign])
+        if align is not None:
+            align.update(torch.cat([logit_w, logit_m]).softmax(1), valid_um, b.y)
+        prob = (lambda z: align.apply(z.softmax(1))) if align is not None else (lambda z: z.softmax(1))
+        if adaptive is not None:
+            adaptive.update(prob(torch.cat([logit_w, logit_m])), valid_um)
         ign1, ign2 = paste(b.u_ign, b.m_ign, box1), paste(b.u_ign, b.m_ign, box2)
-        t1, keep1 = select(paste(logit_w, logit_m, box1).softmax(1), ign1, cfg, adaptive)
-        t2, keep2 = select(paste(logit_w, logit_m, box2).softmax(1), ign2, cfg, adaptive)
-        tw, keepw = select(pred_w.detach().softmax(1), b.u_ign, cfg, adaptive)
+        t1, keep1 = select(prob(paste(logit_w, logit_m, box1)), ign1, cfg, adaptive)
+        t2, keep2 = select(prob(paste(logit_w, logit_m, box2)), ign2, cfg, adaptive)
+        tw, keepw = select(prob(pred_w.detach()), b.u_ign, cfg, adaptive)
         if cfg.oracle_pseudo_labels:  # diagnostic upper bound: ground truth, every labeled pixel kept
             t1, t2, tw = paste(b.u_gt, b.m_gt, box1), paste(b.u_gt, b.m_gt, box2), b.u_gt
             keep1, keep2, keepw = t1 != 255, t2 != 255, tw != 255
