@@ -468,7 +468,7 @@ def diagnostics(df: pd.DataFrame) -> list[str]:
             "## Pseudo-labels in the last epoch (mean over the n seeds)",
             "",
             "Per class: % of the unlabeled pixels the teacher predicts as that class that the selection "
-            "(CPLG or fixed threshold) keeps for the loss; `accuracy of kept`: % of kept pixels whose "
+            "(CPLG, a fixed or an adaptive threshold) keeps for the loss; `accuracy of kept`: % of kept pixels whose "
             "pseudo-label equals the ground truth.",
             "",
             _by_cell_means(semi, list(cols.values()), scale=100.0),
