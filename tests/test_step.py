@@ -172,18 +172,23 @@ def test_oracle_pseudo_labels_are_the_ground_truth_whatever_the_teacher():
         )
 
 
-def test_adaptive_selection_learns_from_the_teachers_maps_of_both_unlabeled_batches():
-    """momentum 0: after one step the state is this batch's statistics, recomputed here from the
-    teacher's own maps of u and m; without its state the step refuses to run."""
+def _teacher_maps(cfg: MethodCfg) -> tuple[Trainer, Batch, torch.Tensor, torch.Tensor]:
+    """A trainer (eval-mode teacher), a batch, and the teacher's softmax maps of u and m with their
+    valid pixels, computed here outside the step."""
     torch.manual_seed(0)
-    cfg = MethodCfg(selection="adaptive", adaptive_momentum=0.0)
     tr = Trainer(MODEL, TRAIN, cfg, 4, torch.device("cpu"))
     tr.teacher.eval()
     b = batch()
     with torch.no_grad():
         prob = torch.cat([tr.teacher(normalize(b.u.float() / 255)), tr.teacher(normalize(b.m.float() / 255))])
-    prob = prob.softmax(1)
-    valid = ~torch.cat([b.u_ign, b.m_ign])
+    return tr, b, prob.softmax(1), ~torch.cat([b.u_ign, b.m_ign])
+
+
+def test_adaptive_selection_learns_from_the_teachers_maps_of_both_unlabeled_batches():
+    """momentum 0: after one step the state is this batch's statistics, recomputed here from the
+    teacher's own maps of u and m; without its state the step refuses to run."""
+    cfg = MethodCfg(selection="adaptive", adaptive_momentum=0.0)
+    tr, b, prob, valid = _teacher_maps(cfg)
     conf, labels = prob.max(1)
     state = AdaptiveThresholds(4, momentum=0.0)
     _, stats = dssn_step(tr.student, tr.teacher, b, cfg, supervised_ce, torch.Generator(), adaptive=state)
@@ -200,15 +205,8 @@ def test_adaptive_selection_learns_from_the_teachers_maps_of_both_unlabeled_batc
 def test_distribution_alignment_learns_from_labels_and_teacher():
     """momentum 0: the state is this step's labeled class frequencies and the teacher's mean
     probabilities over the valid pixels of u and m."""
-    torch.manual_seed(0)
     cfg = MethodCfg(selection="fixed", threshold=0.3, pl_align=True, pl_align_momentum=0.0)
-    tr = Trainer(MODEL, TRAIN, cfg, 4, torch.device("cpu"))
-    tr.teacher.eval()
-    b = batch()
-    with torch.no_grad():
-        prob = torch.cat([tr.teacher(normalize(b.u.float() / 255)), tr.teacher(normalize(b.m.float() / 255))])
-    prob = prob.softmax(1)
-    valid = ~torch.cat([b.u_ign, b.m_ign])
+    tr, b, prob, valid = _teacher_maps(cfg)
     state = DistributionAlignment(4, momentum=0.0)
     dssn_step(tr.student, tr.teacher, b, cfg, supervised_ce, torch.Generator(), align=state)
     assert torch.allclose(state.pred, prob.permute(0, 2, 3, 1)[valid].mean(0), atol=1e-5)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from pipeline.method.cplg import AdaptiveThresholds, adaptive_mask
+from tests.method.ddp import on_ranks
 from tests.method.test_cplg import probs
 
 
@@ -85,14 +85,10 @@ def test_matches_a_pixel_loop_on_random_maps():
     assert np.allclose(t.c.numpy(), c, rtol=1e-5)
 
 
-def _rank(rank: int, world: int, init: str, prob: torch.Tensor, valid: torch.Tensor, out) -> None:
-    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
-        t = AdaptiveThresholds(prob.shape[1], momentum=0.6)
-        t.update(prob[rank::world], valid[rank::world])  # each rank sees its own half
-        out[rank] = torch.cat([t.g[None], t.c])
-    finally:
-        torch.distributed.destroy_process_group()
+def _update_own_half(rank: int, world: int, prob: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    t = AdaptiveThresholds(prob.shape[1], momentum=0.6)
+    t.update(prob[rank::world], valid[rank::world])  # each rank sees its own half
+    return torch.cat([t.g[None], t.c])
 
 
 def test_ddp_ranks_share_one_state_equal_to_the_whole_batch(tmp_path):
@@ -101,10 +97,7 @@ def test_ddp_ranks_share_one_state_equal_to_the_whole_batch(tmp_path):
     valid = torch.rand(4, 5, 5, generator=gen) > 0.2
     whole = AdaptiveThresholds(3, momentum=0.6)
     whole.update(prob, valid)
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_rank, args=(2, f"file://{tmp_path / 'pg'}", prob, valid, out), nprocs=2, join=True)
-        got = [out[0], out[1]]
+    got = on_ranks(_update_own_half, 2, tmp_path, prob, valid)
     expected = torch.cat([whole.g[None], whole.c])
     assert torch.allclose(got[0], expected, atol=1e-6) and torch.equal(got[0], got[1])
     alone = AdaptiveThresholds(3, momentum=0.6)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from pipeline.method.align import DistributionAlignment
+from tests.method.ddp import on_ranks
 from tests.method.test_cplg import probs
 
 
@@ -39,14 +39,10 @@ def test_no_pixels_change_nothing_and_state_round_trips():
     assert float(a.apply(p).sum()) == pytest.approx(1.0)
 
 
-def _rank(rank: int, world: int, init: str, prob, valid, labels, out) -> None:
-    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
-        a = DistributionAlignment(prob.shape[1], momentum=0.3)
-        a.update(prob[rank::world], valid[rank::world], labels[rank::world])
-        out[rank] = torch.cat([a.prior, a.pred])
-    finally:
-        torch.distributed.destroy_process_group()
+def _update_own_half(rank: int, world: int, prob, valid, labels) -> torch.Tensor:
+    a = DistributionAlignment(prob.shape[1], momentum=0.3)
+    a.update(prob[rank::world], valid[rank::world], labels[rank::world])
+    return torch.cat([a.prior, a.pred])
 
 
 def test_ddp_ranks_share_the_whole_batch_state(tmp_path):
@@ -57,9 +53,6 @@ def test_ddp_ranks_share_the_whole_batch_state(tmp_path):
     labels[0, :2] = 255
     whole = DistributionAlignment(3, momentum=0.3)
     whole.update(prob, valid, labels)
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_rank, args=(2, f"file://{tmp_path / 'pg'}", prob, valid, labels, out), nprocs=2, join=True)
-        got = [out[0], out[1]]
+    got = on_ranks(_update_own_half, 2, tmp_path, prob, valid, labels)
     assert torch.allclose(got[0], torch.cat([whole.prior, whole.pred]), atol=1e-6)
     assert torch.equal(got[0], got[1])
