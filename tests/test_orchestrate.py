@@ -165,6 +165,8 @@ def test_ddp_trial_with_two_workers(tmp_path):
     demo = params["studies"]["demo"]
     demo.update(splits=["1_4"], variants=["dssn"])
     demo["overrides"]["train"].update(batch_l=4, batch_u=4)  # 2 + 2 per worker (BN needs > 1 sample)
+    # the stateful pseudo-label switches all-reduce inside the step: exercise them across real workers
+    demo["overrides"].setdefault("method", {}).update(selection="adaptive", pl_align=True)
     root = _prepare(tmp_path, params)
     out = _train(root)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -173,6 +175,8 @@ def test_ddp_trial_with_two_workers(tmp_path):
     assert trials[0].data.tags["ray.workers"] == "2"
     steps = [m.step for m in client.get_metric_history(trials[0].info.run_id, "val/miou_student")]
     assert steps == [1, 2]
+    for key in ("pl_threshold/background", "pl_align/background"):
+        assert len(client.get_metric_history(trials[0].info.run_id, key)) == 2, key
     assert (root / "results/runs/demo/1_4-resnet18-dssn-s0.json").exists()
 
 
