@@ -189,7 +189,7 @@ def _hash(obj: Any) -> str:
 
 
 def _trainable(
-    config: dict, specs: dict[str, dict], tracking: dict[str, str], runs_dir: str, workers: dict[str, Any]
+    config: dict, specs: dict[str, dict], tracking: dict[str, Any], runs_dir: str, workers: dict[str, Any]
 ) -> None:
     """One Tune trial = one cell; with `workers["n"]` > 1 it drives a DDP TorchTrainer of that many workers.
 
@@ -265,7 +265,7 @@ def _ddp_worker(config: dict) -> None:
 def _run_cell(
     spec: TrialSpec,
     trial_id: str,
-    tracking: dict[str, str],
+    tracking: dict[str, Any],
     runs_dir: str,
     report,
     dist=None,
@@ -352,6 +352,7 @@ def _run_cell(
         out = {
             "ray_experiment": tracking["experiment"],
             "cell": spec.cell,
+            **({"cell_key": key} if (key := tracking.get("cell_keys", {}).get(spec.cell)) else {}),
             "mlflow_run_id": run.run_id,
             "ray_trial_id": trial_id,
             "split": spec.split,
@@ -474,7 +475,11 @@ def run_cells(
     uri = resolve_tracking_uri(params.paths.mlflow_uri, paths.root)
     exp_id = ensure_experiment(uri, f"dssn/{name}", paths.artifacts)
     spec_dicts = {s.cell: s.to_dict() for s in specs}
-    exp_name = f"{name}-{_hash([spec_dicts, None if search is None else search['id'], fingerprint(specs)])}"
+    search_id = None if search is None else search["id"]
+    exp_name = f"{name}-{_hash([spec_dicts, search_id, fingerprint(specs)])}"
+    # A finished cell is reused while its own definition holds (spec, training code, its split lists
+    # and weights): adding a seed or a variant to a study must not retrain the cells already done.
+    cell_keys = {s.cell: _hash([spec_dicts[s.cell], search_id, fingerprint([s])]) for s in specs}
     exp_dir = paths.ray_results / exp_name
     exp_dir.mkdir(parents=True, exist_ok=True)
     commit = git_commit(paths.root)
@@ -493,10 +498,16 @@ def run_cells(
     runs_dir.mkdir(parents=True, exist_ok=True)
     for stale in runs_dir.glob("*.json"):  # results of another definition (params, code, splits)
         try:
-            current = json.loads(stale.read_text()).get("ray_experiment") == exp_name
+            done = json.loads(stale.read_text())
         except (OSError, ValueError):
-            current = False
-        if not current or (search is None and stale.stem not in spec_dicts):
+            done = {}
+        if search is not None:  # a sweep's trials are its search's, not cells of the study
+            current = done.get("ray_experiment") == exp_name
+        elif "cell_key" in done:
+            current = done["cell_key"] == cell_keys.get(stale.stem)
+        else:  # written before cell keys existed
+            current = done.get("ray_experiment") == exp_name and stale.stem in spec_dicts
+        if not current:
             stale.unlink()
 
     tracking = {
@@ -507,6 +518,7 @@ def run_cells(
         "dvc_stage": os.environ.get("DVC_STAGE", ""),
         "experiment": exp_name,
         "exp_dir": str(exp_dir),
+        "cell_keys": cell_keys,
     }
     trainable = tune.with_resources(
         tune.with_parameters(

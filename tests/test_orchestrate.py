@@ -138,6 +138,36 @@ def test_killed_study_resumes_without_repeating_or_duplicating(tmp_path):
         assert sorted(set(steps)) == list(range(1, 7))
 
 
+@pytest.mark.slow
+def test_adding_a_seed_keeps_finished_cells_and_a_changed_cell_retrains(tmp_path):
+    params = tiny_params(yaml.safe_load((REPO / "params.yaml").read_text()))
+    demo = params["studies"]["demo"]
+    demo.update(splits=["1_4"], variants=["supervised"], seeds=[0])
+    root = _prepare(tmp_path, params)
+    runs_dir = root / "results/runs/demo"
+    assert _train(root).returncode == 0
+    first = {p.name: p.stat().st_mtime_ns for p in runs_dir.glob("*.json")}
+    assert list(first) == ["1_4-resnet18-supervised-s0.json"]
+
+    demo["seeds"] = [0, 1]  # a new seed: a new experiment, but cell s0 is unchanged
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = _train(root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    now = {p.name: p.stat().st_mtime_ns for p in runs_dir.glob("*.json")}
+    assert sorted(now) == ["1_4-resnet18-supervised-s0.json", "1_4-resnet18-supervised-s1.json"]
+    assert now["1_4-resnet18-supervised-s0.json"] == first["1_4-resnet18-supervised-s0.json"]
+    _, trials = _trial_runs(root)
+    assert len(trials) == 2  # one MLflow run per cell, none repeated
+
+    demo["overrides"]["train"]["lr"] = 0.0005  # every cell's definition changes: all retrain
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert _train(root).returncode == 0
+    again = {p.name: p.stat().st_mtime_ns for p in runs_dir.glob("*.json")}
+    assert sorted(again) == sorted(now) and all(again[k] != now[k] for k in now)
+    _, trials = _trial_runs(root)
+    assert len(trials) == 4
+
+
 def test_fingerprint_follows_split_lists(tmp_path):
     import dataclasses
 
