@@ -215,20 +215,8 @@ class MethodCfg:
         _check(0 < self.r <= 1, f"{key}.r", "a float in (0, 1]", self.r)
         _check(0 <= self.tau_low < 1, f"{key}.tau_low", "a float in [0, 1)", self.tau_low)
         _check(0 <= self.threshold <= 1, f"{key}.threshold", "a float in [0, 1]", self.threshold)
-        _check(
-            0 <= self.adaptive_momentum < 1,
-            f"{key}.adaptive_momentum",
-            "a float in [0, 1)",
-            self.adaptive_momentum,
-        )
-        _check(
-            0 <= self.pl_align_momentum < 1,
-            f"{key}.pl_align_momentum",
-            "a float in [0, 1)",
-            self.pl_align_momentum,
-        )
-        _check(0 <= self.ema_keep < 1, f"{key}.ema_keep", "a float in [0, 1)", self.ema_keep)
-        _check(0 <= self.fp_dropout < 1, f"{key}.fp_dropout", "a float in [0, 1)", self.fp_dropout)
+        for k in ("ema_keep", "fp_dropout", "adaptive_momentum", "pl_align_momentum"):
+            _check(0 <= getattr(self, k) < 1, f"{key}.{k}", "a float in [0, 1)", getattr(self, k))
         _check(0 <= self.cutmix_p <= 1, f"{key}.cutmix_p", "a float in [0, 1]", self.cutmix_p)
         for k in ("w_s", "w_fp", "w_con", "global_scale"):
             _check(getattr(self, k) >= 0, f"{key}.{k}", "a float >= 0", getattr(self, k))

@@ -344,8 +344,7 @@ def fit(
             for name, t in zip(spec.class_names, tr.adaptive.value().tolist(), strict=True):
                 epoch_metrics[f"pl_threshold/{name}"] = t
         if tr.align is not None:
-            ratio = (tr.align.prior / tr.align.pred.clamp(min=1e-6)).tolist()
-            for name, a in zip(spec.class_names, ratio, strict=True):
+            for name, a in zip(spec.class_names, tr.align.ratio().tolist(), strict=True):
                 epoch_metrics[f"pl_align/{name}"] = a
         state["epoch"] = epoch + 1
         last = epoch + 1 == cfg.epochs

@@ -52,10 +52,13 @@ class DistributionAlignment:
             n_lab > 0, m * self.prior + (1 - m) * lab_count / n_lab.clamp(min=1), self.prior
         )
 
+    def ratio(self) -> Tensor:
+        """Per-class multiplier (C,): labeled frequency / teacher's mean probability."""
+        return self.prior / self.pred.clamp(min=1e-6)
+
     def apply(self, prob: Tensor) -> Tensor:
         """Aligned, renormalised probabilities (N, C, H, W)."""
-        ratio = (self.prior / self.pred.clamp(min=1e-6)).to(prob.dtype)
-        q = prob * ratio[None, :, None, None]
+        q = prob * self.ratio().to(prob.dtype)[None, :, None, None]
         return q / q.sum(dim=1, keepdim=True).clamp(min=1e-12)
 
     def state_dict(self) -> dict[str, Tensor]:

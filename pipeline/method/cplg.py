@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from pipeline.method.losses import class_counts
+
 
 def _drop_ignored(keep: Tensor, ignore: Tensor | None) -> Tensor:
     # `.bool()` so a 0/1 integer map cannot be bit-inverted into -1/-2 by `~`.
@@ -57,12 +59,8 @@ def keep_ratio_per_class(
 
     NaN where a class is never predicted, so averages over classes can skip it (nanmean).
     """
-    valid = torch.ones_like(keep, dtype=torch.bool) if valid is None else valid.bool()
-    flat = labels.flatten()
-    predicted = torch.zeros(num_classes, device=labels.device).index_add_(0, flat, valid.flatten().float())
-    kept = torch.zeros(num_classes, device=labels.device).index_add_(
-        0, flat, (keep.bool() & valid).flatten().float()
-    )
+    valid = torch.ones_like(keep, dtype=torch.bool) if valid is None else valid
+    predicted, kept = class_counts(labels, keep, valid, num_classes)
     return torch.where(predicted > 0, kept / predicted.clamp(min=1), torch.full_like(predicted, float("nan")))
 
 

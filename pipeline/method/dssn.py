@@ -100,12 +100,14 @@ def dssn_step(
             logit_w = pred_w.detach()
         # Beyond the paper, stateful, each updated from this batch first: distribution alignment of
         # the maps, then adaptive per-class thresholds on the aligned maps.
-        valid_um = ~torch.cat([b.u_ign, b.m_ign])
-        if align is not None:
-            align.update(torch.cat([logit_w, logit_m]).softmax(1), valid_um, b.y)
-        prob = (lambda z: align.apply(z.softmax(1))) if align is not None else (lambda z: z.softmax(1))
-        if adaptive is not None:
-            adaptive.update(prob(torch.cat([logit_w, logit_m])), valid_um)
+        aligned = align.apply if align is not None else (lambda p: p)
+        prob = lambda z: aligned(z.softmax(1))  # noqa: E731
+        if align is not None or adaptive is not None:
+            p_um, valid_um = torch.cat([logit_w, logit_m]).softmax(1), ~torch.cat([b.u_ign, b.m_ign])
+            if align is not None:
+                align.update(p_um, valid_um, b.y)
+            if adaptive is not None:
+                adaptive.update(aligned(p_um), valid_um)
         ign1, ign2 = paste(b.u_ign, b.m_ign, box1), paste(b.u_ign, b.m_ign, box2)
         t1, keep1 = select(prob(paste(logit_w, logit_m, box1)), ign1, cfg, adaptive)
         t2, keep2 = select(prob(paste(logit_w, logit_m, box2)), ign2, cfg, adaptive)
