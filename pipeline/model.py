@@ -63,7 +63,11 @@ def build_backbone(cfg: ModelCfg, dilated: bool = True) -> tuple[resnet.ResNet, 
         net.bn1 = nn.BatchNorm2d(128)
         net.inplanes = 128
         block = resnet.Bottleneck if bottleneck else resnet.BasicBlock
+        # torchvision has already raised net.dilation for the dilated layer4 (2 at OS16, 4 at OS8);
+        # _make_layer reads it, and the reference's layer1 is undilated, so build it at dilation 1.
+        dilation, net.dilation = net.dilation, 1
         net.layer1 = net._make_layer(block, 64, len(net.layer1))
+        net.dilation = dilation
     net.fc = nn.Identity()
     c1 = 256 if bottleneck else 64
     c4 = 2048 if bottleneck else 512
@@ -153,6 +157,33 @@ def load_backbone_weights(model: DeepLabV3Plus, source: str) -> None:
             f"{mismatched[:8]} (deep_stem must match the weights: the reference weights use the 3x3 deep stem)"
         )
     model.backbone.load_state_dict(state, strict=False)
+
+
+# The reference DeepLabV3Plus (UniMatch/DSSN `model/semseg/deeplabv3plus.py`) names its ASPP
+# `head.b0..b4` (b4 = image pooling, its layers under `gap.`) and `head.project`; the trunk, `reduce`,
+# `fuse` and `classifier` share our names.
+_REFERENCE_PREFIXES = {
+    "head.b0.": "aspp.convs.0.",
+    "head.b1.": "aspp.convs.1.",
+    "head.b2.": "aspp.convs.2.",
+    "head.b3.": "aspp.convs.3.",
+    "head.b4.gap.": "aspp.convs.4.",
+    "head.project.": "aspp.project.",
+}
+
+
+def from_reference_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A reference (UniMatch/DSSN) model state_dict in our key layout, so a released checkpoint
+    loads with `strict=True` (`module.` from DDP is dropped)."""
+    out = {}
+    for key, value in state.items():
+        key = key.removeprefix("module.")
+        for ref, ours in _REFERENCE_PREFIXES.items():
+            if key.startswith(ref):
+                key = ours + key.removeprefix(ref)
+                break
+        out[key] = value
+    return out
 
 
 def build_model(cfg: ModelCfg, num_classes: int) -> DeepLabV3Plus:
