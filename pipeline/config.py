@@ -191,6 +191,19 @@ class MethodCfg:
     w_con: float = 0.01  # gamma1
     global_scale: float = 0.5  # the code halves the whole objective
     skip_strong_first_iter: bool = True
+    # Early training, counted from the first semi-supervised epoch (dssn-method.md §4.3). The VOC code
+    # (the defaults): the teacher is hard-copied from the student after iteration 0 only, and that
+    # iteration has no strong-view CE (`skip_strong_first_iter`). The released Cityscapes code and its
+    # ResNet-101 logs: teacher copied after every step and no strong-view CE for epochs 0-4
+    # (`teacher_copy_epochs: 5, strong_off_epochs: 5`). The Cityscapes ResNet-50 logs: strong-view CE
+    # from iteration 0, teacher copied during epoch 0 (`teacher_copy_epochs: 1,
+    # skip_strong_first_iter: false`).
+    teacher_copy_epochs: int = 0
+    strong_off_epochs: int = 0
+    # What one epoch is: one pass over the unlabeled list with the labeled list repeated to its length
+    # (the semi-supervised scripts), or one pass over the labeled list (the reference supervised.py,
+    # variant `supervised_ref`; labeled-only training).
+    epoch_pass: Literal["unlabeled", "labeled"] = "unlabeled"
     intensity_ops: bool = True  # DSSN-VOC extra random intensity ops
     cutmix_p: float = 0.5
     # Diagnostic, not a method: the unlabeled images' ground truth replaces every pseudo-label
@@ -220,7 +233,14 @@ class MethodCfg:
         _check(0 <= self.cutmix_p <= 1, f"{key}.cutmix_p", "a float in [0, 1]", self.cutmix_p)
         for k in ("w_s", "w_fp", "w_con", "global_scale"):
             _check(getattr(self, k) >= 0, f"{key}.{k}", "a float >= 0", getattr(self, k))
-        _check(self.warmup_epochs >= 0, f"{key}.warmup_epochs", "an integer >= 0", self.warmup_epochs)
+        for k in ("warmup_epochs", "teacher_copy_epochs", "strong_off_epochs"):
+            _check(getattr(self, k) >= 0, f"{key}.{k}", "an integer >= 0", getattr(self, k))
+        _check(
+            self.epoch_pass == "unlabeled" or not self.use_unlabeled,
+            f"{key}.epoch_pass",
+            "'unlabeled' when the unlabeled data is used (use_unlabeled: true)",
+            self.epoch_pass,
+        )
         _check(self.pl_balance_cap >= 1, f"{key}.pl_balance_cap", "a float >= 1", self.pl_balance_cap)
 
 
@@ -270,6 +290,26 @@ class StudyCfg:
     paper_table: str | None = None
     publish: str | None = None  # a committed Markdown file the report also writes this study's tables into
     overrides: OverridesCfg = field(default_factory=OverridesCfg)
+    # per backbone, on top of `overrides` (e.g. the reference's Cityscapes R50 and R101 runs differ in
+    # their early-training rule and OHEM chunk)
+    backbone_overrides: dict[str, OverridesCfg] = field(default_factory=dict)
+
+    def cell_sections(
+        self, params: Params, backbone: str | None, key: str
+    ) -> tuple[ModelCfg, TrainCfg, MethodCfg]:
+        """Model, train and method settings of this study's cells on `backbone` (None: the default)."""
+        model = merge(params.model, self.overrides.model, f"{key}.overrides.model")
+        train = merge(params.train, self.overrides.train, f"{key}.overrides.train")
+        method = merge(params.method, self.overrides.method, f"{key}.overrides.method")
+        backbone = backbone or model.backbone
+        model = merge(model, {"backbone": backbone}, f"{key}.backbones")
+        extra = self.backbone_overrides.get(backbone)
+        if extra is not None:
+            k = f"{key}.backbone_overrides.{backbone}"
+            model = merge(model, extra.model, f"{k}.model")
+            train = merge(train, extra.train, f"{k}.train")
+            method = merge(method, extra.method, f"{k}.method")
+        return model, train, method
 
 
 @dataclass(frozen=True)
@@ -349,6 +389,8 @@ class Params:
 # Each variant is a set of MethodCfg overrides on the faithful default (= "dssn").
 VARIANTS: dict[str, dict[str, Any]] = {
     "supervised": {"use_unlabeled": False, "teacher": False, "n_fp": 0},
+    # the reference supervised.py: labeled images only, an epoch = one pass over the labeled list
+    "supervised_ref": {"use_unlabeled": False, "teacher": False, "n_fp": 0, "epoch_pass": "labeled"},
     "unimatch": {
         "teacher": False,
         "n_fp": 1,
@@ -539,17 +581,28 @@ def load_params(path: str | Path = "params.yaml") -> Params:
             "non-empty splits, variants and seeds",
             study,
         )
-        # Overrides must be valid for the sections they patch.
-        model = merge(params.model, study.overrides.model, f"{key}.overrides.model")
-        train = merge(params.train, study.overrides.train, f"{key}.overrides.train")
-        method = merge(params.method, study.overrides.method, f"{key}.overrides.method")
-        if method.warmup_epochs and method.warmup_epochs >= train.epochs:
-            raise ConfigError(
-                f"params: `{key}`: method.warmup_epochs ({method.warmup_epochs}) must be below "
-                f"train.epochs ({train.epochs}), or the unlabeled branch never starts"
-            )
-        for b in study.backbones:
-            merge(model, {"backbone": b}, f"{key}.backbones")
+        # Overrides must be valid for the sections they patch, on every backbone of the study.
+        default_backbone = merge(params.model, study.overrides.model, f"{key}.overrides.model").backbone
+        backbones = study.backbones or [default_backbone]
+        for b in study.backbone_overrides:
+            if b not in backbones:
+                raise ConfigError(
+                    f"params: `{key}.backbone_overrides.{b}` names a backbone the study does not train "
+                    f"(its backbones: {backbones})"
+                )
+        for b in backbones:
+            _, train, method = study.cell_sections(params, b, key)
+            if method.warmup_epochs and method.warmup_epochs >= train.epochs:
+                raise ConfigError(
+                    f"params: `{key}`: method.warmup_epochs ({method.warmup_epochs}) must be below "
+                    f"train.epochs ({train.epochs}), or the unlabeled branch never starts"
+                )
+            late = method.warmup_epochs + max(method.teacher_copy_epochs, method.strong_off_epochs)
+            if method.use_unlabeled and late >= train.epochs:
+                raise ConfigError(
+                    f"params: `{key}` ({b}): method.warmup_epochs + teacher_copy_epochs/strong_off_epochs "
+                    f"({late}) must be below train.epochs ({train.epochs}), or the EMA teacher never starts"
+                )
     for name, sw in params.sweeps.items():
         key = f"sweeps.{name}"
         if sw.study not in params.studies:

@@ -63,15 +63,12 @@ def study_specs(params: Params, study_name: str, root: Path) -> list[TrialSpec]:
     study = params.studies[study_name]
     ds = params.datasets[study.dataset]
     paths = study_paths(params, root)
-    base_model = merge(params.model, study.overrides.model, f"studies.{study_name}.overrides.model")
-    train = merge(params.train, study.overrides.train, f"studies.{study_name}.overrides.train")
-    method_base = merge(params.method, study.overrides.method, f"studies.{study_name}.overrides.method")
     specs = []
     for split in study.splits:
-        for backbone in study.backbones or [base_model.backbone]:
-            model = _local_weights(
-                merge(base_model, {"backbone": backbone}, f"studies.{study_name}.backbones"), paths.root
-            )
+        for backbone in study.backbones or [None]:
+            model, train, method_base = study.cell_sections(params, backbone, f"studies.{study_name}")
+            model = _local_weights(model, paths.root)
+            backbone = model.backbone
             for variant in study.variants:
                 for seed in study.seeds:
                     cell = f"{split}-{backbone}-{variant}-s{seed}"

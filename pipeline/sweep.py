@@ -26,8 +26,8 @@ def sweep_specs(params: Params, name: str, root: Path) -> list[TrialSpec]:
     """Base cells of the sweep (one per seed); grid mode expands them over r x tau_low."""
     sw = params.sweeps[name]
     template = next(s for s in study_specs(params, sw.study, root) if s.split == sw.split)
-    base = merge(
-        params.method, params.studies[sw.study].overrides.method, f"studies.{sw.study}.overrides.method"
+    _, _, base = params.studies[sw.study].cell_sections(
+        params, template.model.backbone, f"studies.{sw.study}"
     )
     method = method_for_variant(
         merge(base, sw.overrides.method, f"sweeps.{name}.overrides.method"), sw.variant

@@ -99,8 +99,28 @@ def _loader(
 
 
 def _cycle(loader: DataLoader) -> Iterator[dict]:
+    """Endless batches; a loader that yields nothing in a whole pass is an error, not a busy loop."""
     while True:
-        yield from loader
+        empty = True
+        for b in loader:
+            empty = False
+            yield b
+        if empty:
+            raise RuntimeError(
+                f"a data loader yielded no batch: {len(loader.dataset)} items, batch {loader.batch_size}, "
+                "incomplete batches dropped"
+            )
+
+
+def early_rules(m: MethodCfg, iteration: int, semi_start: int, epoch_iters: int) -> tuple[bool, float]:
+    """(strong-view CE off, EMA keep) at `iteration` (dssn-method.md §4.3): the teacher is a hard copy
+    of the student (keep 0) through the warm-up and the first `teacher_copy_epochs` semi epochs (at
+    least one step); the strong-view CE is off for `strong_off_epochs` and, with
+    `skip_strong_first_iter`, on the first semi-supervised iteration."""
+    since = iteration - semi_start
+    copy = since < max(1, m.teacher_copy_epochs * epoch_iters)
+    strong_off = since < m.strong_off_epochs * epoch_iters or (since == 0 and m.skip_strong_first_iter)
+    return strong_off, 0.0 if copy else m.ema_keep
 
 
 def _to(batch: dict, device: torch.device) -> dict:
@@ -183,7 +203,7 @@ class Trainer:
         if cfg.compile and cuda:
             self.step_model, self.compiled = torch.compile(self.step_model), True
 
-    def _forward(self, b: Batch, gen: torch.Generator, first: bool):
+    def _forward(self, b: Batch, gen: torch.Generator, strong_off: bool):
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             return dssn_step(
                 self.step_model,
@@ -192,21 +212,27 @@ class Trainer:
                 self.mcfg,
                 self.sup_loss,
                 gen,
-                first,
+                strong_off,
                 self.adaptive,
                 self.align,
             )
 
     def step(
-        self, b: Batch, gen: torch.Generator, iteration: int, total: int, semi_start: int = 0
+        self,
+        b: Batch,
+        gen: torch.Generator,
+        iteration: int,
+        total: int,
+        semi_start: int = 0,
+        epoch_iters: int = 1,
     ) -> tuple[torch.Tensor, dict]:
         """Forward, backward, SGD step, poly LR for the next step, EMA update. No host sync.
 
-        `semi_start`: the first iteration with unlabeled data (after a warm-up); until it has run,
-        the teacher is hard-copied from the student, as the reference does after iteration 0."""
-        first = iteration == semi_start
+        `semi_start`: the first iteration with unlabeled data (after a warm-up); `epoch_iters`: steps
+        per epoch. Together they place the early-training rules (`early_rules`)."""
+        strong_off, keep = early_rules(self.mcfg, iteration, semi_start, epoch_iters)
         try:
-            loss, stats = self._forward(b, gen, first)
+            loss, stats = self._forward(b, gen, strong_off)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
         except Exception as e:  # noqa: BLE001 - compile failures surface on the first call
@@ -214,7 +240,7 @@ class Trainer:
                 raise
             print(f"torch.compile failed ({type(e).__name__}: {e}); falling back to eager")
             self.step_model, self.compiled = getattr(self.step_model, "_orig_mod", self.student), False
-            loss, stats = self._forward(b, gen, first)
+            loss, stats = self._forward(b, gen, strong_off)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
         self.opt.step()
@@ -223,7 +249,7 @@ class Trainer:
         for g in self.opt.param_groups:
             g["lr"] = g["lr0"] * scale
         if self.teacher is not None:
-            ema_update(self.teacher, self.student, 0.0 if iteration <= semi_start else self.mcfg.ema_keep)
+            ema_update(self.teacher, self.student, keep)
         return loss.detach(), stats
 
 
@@ -256,9 +282,19 @@ def fit(
 
     root, split_dir = Path(spec.root), Path(spec.split_dir)
     unl = SegList(root, split_dir / spec.split / "unlabeled.txt", "train_u", cfg.crop)
-    lab = SegList(root, split_dir / spec.split / "labeled.txt", "train_l", cfg.crop, length=len(unl))
+    if mcfg.epoch_pass == "labeled":  # the reference supervised.py: one pass over the labeled list
+        lab = SegList(root, split_dir / spec.split / "labeled.txt", "train_l", cfg.crop)
+        iters = cfg.iters_per_epoch or len(lab) // cfg.batch_l
+        what = f"{split_dir / spec.split / 'labeled.txt'} ({len(lab)} items) with train.batch_l {cfg.batch_l}"
+    else:  # the semi-supervised scripts: the labeled list repeated to the unlabeled list's length
+        lab = SegList(root, split_dir / spec.split / "labeled.txt", "train_l", cfg.crop, length=len(unl))
+        iters = cfg.iters_per_epoch or len(unl) // cfg.batch_u
+        what = (
+            f"{split_dir / spec.split / 'unlabeled.txt'} ({len(unl)} items) with train.batch_u {cfg.batch_u}"
+        )
+    if iters == 0:
+        raise ValueError(f"an epoch would have no step: {what} (incomplete batches are dropped)")
     val = SegList(root, split_dir / "val.txt", "val")
-    iters = cfg.iters_per_epoch or len(unl) // cfg.batch_u
     total = iters * cfg.epochs
     if mcfg.use_unlabeled and mcfg.warmup_epochs >= cfg.epochs:
         raise ValueError(
@@ -322,7 +358,7 @@ def fit(
                     u_gt=bu["gt"],
                     m_gt=bm["gt"],
                 )
-            loss, stats = tr.step(b, gen, state["iteration"], total, semi_start)
+            loss, stats = tr.step(b, gen, state["iteration"], total, semi_start, iters)
             state["iteration"] += 1
             labels, keep = stats.pop("pl_labels", None), stats.pop("pl_keep", None)
             if labels is not None and bu is not None:

@@ -44,7 +44,7 @@ def test_one_step_of_every_variant(variant):
     loss, stats = tr.step(batch(), torch.Generator().manual_seed(0), iteration=3, total=10)
     assert torch.isfinite(loss)
     assert any(not torch.equal(a, b) for a, b in zip(before, tr.student.parameters(), strict=True))
-    assert (tr.teacher is not None) == (variant not in ("supervised", "unimatch"))
+    assert (tr.teacher is not None) == (variant not in ("supervised", "supervised_ref", "unimatch"))
     if mcfg.use_unlabeled:
         assert 0.0 <= float(stats["mask_ratio"]) <= 1.0
         assert (float(stats["loss_con_img"]) > 0) == mcfg.con_img
@@ -111,11 +111,11 @@ def test_first_iteration_drops_the_strong_view_loss():
     torch.manual_seed(0)
     tr = Trainer(MODEL, TRAIN, MethodCfg(), 4, torch.device("cpu"))
     gen = torch.Generator().manual_seed(0)
-    _, first = dssn_step(tr.student, tr.teacher, batch(), MethodCfg(), supervised_ce, gen, first_iter=True)
+    _, first = dssn_step(tr.student, tr.teacher, batch(), MethodCfg(), supervised_ce, gen, strong_off=True)
     assert float(first["loss_s"]) == 0.0
     gen = torch.Generator().manual_seed(0)
     cfg = dataclasses.replace(MethodCfg(), selection="fixed", threshold=0.0)  # keep every pixel
-    _, later = dssn_step(tr.student, tr.teacher, batch(), cfg, supervised_ce, gen, first_iter=False)
+    _, later = dssn_step(tr.student, tr.teacher, batch(), cfg, supervised_ce, gen, strong_off=False)
     assert float(later["loss_s"]) > 0.0
 
 

@@ -108,3 +108,34 @@ def test_adaptive_thresholds_and_alignment_are_logged_and_resumed(spec):
         full["_student"].state_dict().values(), out["_student"].state_dict().values(), strict=True
     ):
         assert torch.equal(a, b)
+
+
+def test_supervised_ref_epoch_is_one_pass_over_the_labeled_list(spec):
+    """The reference supervised.py: labeled images only, an epoch = len(labeled) // batch steps
+    (the semi-supervised loop repeats the labeled list to the unlabeled list's length instead)."""
+    from pathlib import Path
+
+    from pipeline.config import method_for_variant
+    from pipeline.data.splits import read_list
+
+    n_lab = len(read_list(Path(spec.split_dir) / spec.split / "labeled.txt"))
+    n_unl = len(read_list(Path(spec.split_dir) / spec.split / "unlabeled.txt"))
+    train = dataclasses.replace(spec.train, epochs=1, iters_per_epoch=None, eval_every=1)
+    ref = dataclasses.replace(
+        spec, variant="supervised_ref", train=train, method=method_for_variant(spec.method, "supervised_ref")
+    )
+    assert n_lab // train.batch_l != n_unl // train.batch_u  # the two rules differ on this split
+    assert fit(ref)["final/steps"] == n_lab // train.batch_l
+    too_big = dataclasses.replace(ref, train=dataclasses.replace(train, batch_l=n_lab + 1))
+    with pytest.raises(ValueError, match=r"labeled.txt \(\d+ items\) with train.batch_l \d+"):
+        fit(too_big)
+
+
+def test_an_empty_loader_is_an_error_not_a_busy_loop():
+    from torch.utils.data import DataLoader
+
+    from pipeline.train import _cycle
+
+    it = _cycle(DataLoader(list(range(3)), batch_size=4, drop_last=True))
+    with pytest.raises(RuntimeError, match="yielded no batch: 3 items, batch 4"):
+        next(it)

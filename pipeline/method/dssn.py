@@ -53,12 +53,13 @@ def dssn_step(
     cfg: MethodCfg,
     sup_loss,
     gen: torch.Generator,
-    first_iter: bool = False,
+    strong_off: bool = False,
     adaptive: AdaptiveThresholds | None = None,
     align: DistributionAlignment | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Loss of one iteration and its parts (tensors, no host sync).
 
+    `strong_off`: no strong-view CE this iteration (the early-training rules, `train.early_rules`).
     `adaptive`, `align`: the states of `selection: adaptive` and `pl_align`, updated here."""
     x = normalize(b.x.float() / 255.0)
     if not cfg.use_unlabeled or b.u is None:  # supervised baseline (or warm-up): same model and schedule
@@ -124,7 +125,7 @@ def dssn_step(
 
     loss_x = sup_loss(pred_x, b.y)
     loss_s = masked_ce(pred_s1, t1, keep1, valid1, w1) + masked_ce(pred_s2, t2, keep2, valid2, w2)
-    if first_iter and cfg.skip_strong_first_iter:
+    if strong_off:
         loss_s = loss_s * 0.0
     loss_fp = sum((masked_ce(f, tw, keepw, validw, ww) for f in fps), torch.zeros((), device=x.device))
     zero = torch.zeros((), device=x.device)
