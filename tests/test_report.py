@@ -245,7 +245,7 @@ def test_paper_comparison_differences(runs):
     assert cmp.loc[("1_2", "resnet101", "unimatch"), ["paper", "ours", "ours − paper"]].tolist() == ["–"] * 3
     assert cmp.loc[("1_16", "resnet50", "dssn"), ["paper", "ours"]].tolist() == ["76.74", "–"]
     # rows follow backbone, then labeled fraction
-    assert cmp.index.get_level_values("split")[:4].tolist() == ["1_16"] * 3 + ["1_8"]
+    assert cmp.index.get_level_values("split")[:5].tolist() == ["1_16"] * 4 + ["1_8"]  # + supervised_ref
     # a synthetic run never matches a VOC cell of the paper
     assert (paper_comparison(runs.assign(dataset="synthetic"), "table2")["ours"] == "–").all()
     with pytest.raises(ReportError, match="unknown paper table"):
