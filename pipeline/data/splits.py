@@ -16,10 +16,7 @@ Protocols (recorded in every `split.json`, so results of different protocols can
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import math
-import os
 import random
 import shutil
 import sys
@@ -198,9 +195,6 @@ def _meta(protocol: str, split: str, lab: list[str], unl: list[str], source: str
         "source": source,
         "seed": seed,
     }
-
-
-
 
 
 def _official(official_root: Path, split: str) -> tuple[list[str], list[str]]:
