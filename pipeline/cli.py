@@ -111,6 +111,7 @@ def cmd_splits(params: Params, root: Path, name: str) -> None:
     """Every protocol of a dataset into data/splits/<dataset>/<protocol>/ (one atomic swap)."""
     import shutil
 
+    from pipeline.data.published import PublishedSource
     from pipeline.data.splits import make_splits
     from pipeline.io import replace_dir
 
@@ -121,6 +122,15 @@ def cmd_splits(params: Params, root: Path, name: str) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         for protocol, sp in ds.protocols.items():
+            published = None
+            if sp.source == "published":
+                # downloads are cached beside the dataset's other data, outside every stage's outputs
+                published = PublishedSource.for_kind(
+                    ds.kind,
+                    url=sp.published_url,
+                    root=_opt(sp.published_root, root),
+                    cache=root / params.paths.data / "published" / name,
+                )
             info = make_splits(
                 prepared / "lists",
                 tmp / protocol,
@@ -130,6 +140,7 @@ def cmd_splits(params: Params, root: Path, name: str) -> None:
                 seed=sp.seed,
                 official_root=_opt(sp.official_root, root),
                 root=prepared,
+                published=published,
             )
             for split, meta in info.items():
                 print(

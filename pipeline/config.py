@@ -67,8 +67,12 @@ class SplitsCfg:
     """One split protocol of a dataset; its key in `datasets.<name>.protocols` is the protocol."""
 
     names: list[str] = field(default_factory=lambda: ["1_16", "1_8", "1_4"])
-    source: Literal["generate", "official"] = "generate"
-    official_root: str | None = None  # a folder laid out like UniMatch's splits/<dataset>/
+    # generate: the protocol's rule; published: the lists the paper used (LiheYoung/UniMatch at a
+    # pinned commit, md5-verified, pipeline/data/published.py); official: your own lists in a folder
+    source: Literal["generate", "official", "published"] = "generate"
+    official_root: str | None = None  # official: a folder laid out like UniMatch's splits/<dataset>/
+    published_url: str | None = None  # published: a mirror of UniMatch's splits/; null = pinned commit
+    published_root: str | None = None  # published: a local copy of UniMatch's splits/ (no network)
     seed: int = 0
 
 
@@ -97,6 +101,12 @@ class DatasetCfg:
         for name, sp in self.protocols.items():
             _check(name in PROTOCOLS, f"{key}.protocols.{name}", f"one of {list(PROTOCOLS)}", name)
             _check(len(sp.names) > 0, f"{key}.protocols.{name}.names", "a non-empty list", sp.names)
+            _check(
+                sp.source != "published" or self.kind != "synthetic",
+                f"{key}.protocols.{name}.source",
+                "'generate' or 'official' for a synthetic dataset (lists are published for VOC and Cityscapes)",
+                sp.source,
+            )
 
 
 @dataclass(frozen=True)

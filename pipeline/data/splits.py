@@ -10,16 +10,19 @@ Protocols (recorded in every `split.json`, so results of different protocols can
   unlabeled = the rest of the train list.
 * `cityscapes` / `random` — fractions `1_k`, n = ceil(N / k) (2975 -> 186/372/744/1488, 1/30 -> 100),
   drawn seeded-random. The published lists' seeds are unknown, so a generated classic/cityscapes
-  split has the published *sizes* but not the published ids; `source="official"` copies those.
+  split has the published *sizes* but not the published ids.
+
+Sources: `generate` (the rules above), `published` (the lists the paper used: UniMatch's files at a
+pinned commit, downloaded or from a local copy, md5-verified; see pipeline/data/published.py) and
+`official` (lists in a local folder laid out like UniMatch's `splits/<dataset>/`, not checksummed:
+for lists the pin does not cover). Published and official lists are checked against the prepared
+dataset: every listed item must be one of its train items, and together they must be all of them.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import math
-import os
 import random
 import shutil
 import sys
@@ -28,10 +31,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline.data.errors import DataError
+from pipeline.data.published import PublishedSource
 from pipeline.io import replace_dir, write_json, write_text
 
 PROTOCOLS = ("blended", "classic", "cityscapes", "random")
-SOURCES = ("generate", "official")
+SOURCES = ("generate", "official", "published")
 
 
 def read_list(path: Path) -> list[str]:
@@ -200,9 +204,6 @@ def _meta(protocol: str, split: str, lab: list[str], unl: list[str], source: str
     }
 
 
-
-
-
 def _official(official_root: Path, split: str) -> tuple[list[str], list[str]]:
     out = []
     for name in ("labeled.txt", "unlabeled.txt"):
@@ -215,6 +216,24 @@ def _official(official_root: Path, split: str) -> tuple[list[str], list[str]]:
     return out[0], out[1]
 
 
+def _published(source: PublishedSource, split: str) -> tuple[list[str], list[str]]:
+    out = []
+    for name in ("labeled.txt", "unlabeled.txt"):
+        p, _ = source.get(f"{split}/{name}")
+        out.append(_pairs(read_list(p), p))
+    return out[0], out[1]
+
+
+def _all_in_train(lines: Sequence[str], train: set[str], where: str, train_file: Path) -> None:
+    """A listed item the prepared dataset lacks means the wrong dataset (or list): name it."""
+    missing = [x for x in lines if x not in train]
+    if missing:
+        raise DataError(
+            f"{where}: {len(missing)} listed items are not in the prepared dataset "
+            f"({train_file}, {len(train)} train items), e.g. {missing[0]!r}"
+        )
+
+
 def make_splits(
     lists_dir: Path,
     out_dir: Path,
@@ -224,13 +243,16 @@ def make_splits(
     seed: int = 0,
     official_root: Path | None = None,
     root: Path | None = None,
+    published: PublishedSource | None = None,
 ) -> dict:
     """Write `<out>/<split>/{labeled,unlabeled}.txt` + `split.json` and `<out>/val.txt`, all or nothing.
 
     Returns `{split: split.json contents}`. With `root`, every referenced file is checked to exist
-    under it. Published lists (`source="official"`) must hold exactly the items of `train.txt` (whose
-    files `prepare` already validated) and the protocol's labeled count, so a copied split can never
-    refer to a file the prepared dataset lacks.
+    under it. Published lists (`source="published"`, from `published`; or `source="official"`, from
+    `official_root`) must hold exactly the items of `train.txt` (whose files `prepare` already
+    validated) and the protocol's labeled count, so a copied split can never refer to a file the
+    prepared dataset lacks; `published` lists are md5-verified first and split.json records their
+    origin and md5s.
     """
     if protocol not in PROTOCOLS:
         raise DataError(f"splits.protocol must be one of {PROTOCOLS}, got {protocol!r}")
@@ -253,10 +275,21 @@ def make_splits(
         raise DataError(
             f"{lists_dir}: {len(both)} items are in both train.txt and val.txt, e.g. {min(both)!r}"
         )
+    pub_val: tuple[list[str], str] | None = None  # (published val list, where it came from)
     if source == "official":
         if official_root is None:
             raise DataError("splits.source is 'official' but splits.official_root is not set")
         official_root = Path(official_root)
+        if (official_root / "val.txt").is_file():
+            p = official_root / "val.txt"
+            pub_val = (_pairs(read_list(p), p), str(p))
+    if source == "published":
+        if published is None:
+            raise DataError("splits.source is 'published' but no published source was given")
+        published.check_known(splits)  # before any download
+        p, _ = published.get("val.txt")
+        pub_val = (_pairs(read_list(p), p), published.origin("val.txt"))
+    train_set = set(train)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
@@ -265,33 +298,40 @@ def make_splits(
         for split in splits:
             where = f"{out_dir}/{split}"
             n_expected = expected_labeled(protocol, split, len(train), None if fine is None else len(fine))
-            if source == "official":
-                lab, unl = _official(official_root, split)
-                where = str(official_root / split)
+            extra: dict = {}
+            if source in ("official", "published"):
+                if source == "official":
+                    lab, unl = _official(official_root, split)
+                    where = str(official_root / split)
+                else:
+                    lab, unl = _published(published, split)
+                    where = published.origin(split)
+                    extra = {"published": published.describe(split)}
+                _all_in_train(lab, train_set, f"{where}/labeled.txt", lists_dir / "train.txt")
+                _all_in_train(unl, train_set, f"{where}/unlabeled.txt", lists_dir / "train.txt")
                 check_split(lab, unl, where, root, train=train)
                 if len(lab) != n_expected:
                     raise DataError(
-                        f"{official_root / split / 'labeled.txt'}: {len(lab)} labeled items, but protocol "
+                        f"{where}/labeled.txt: {len(lab)} labeled items, but protocol "
                         f"{protocol!r} split {split!r} of {len(train)} train items expects {n_expected}"
                     )
             else:
                 lab, unl = build_split(protocol, split, train, fine, seed)
-            check_split(lab, unl, where, root, train=train)
+                check_split(lab, unl, where, root, train=train)
             if protocol == "classic" and fine is not None and not set(lab) <= set(fine):
                 raise DataError(f"{where}/labeled.txt: classic labeled items must come from train_fine.txt")
             write_list(tmp / split / "labeled.txt", lab)
             write_list(tmp / split / "unlabeled.txt", unl)
-            meta = _meta(protocol, split, lab, unl, source, seed)
+            meta = {**_meta(protocol, split, lab, unl, source, seed), **extra}
             write_json(tmp / split / "split.json", meta, sort_keys=False)
             summary[split] = meta
-        if source == "official" and (official_root / "val.txt").is_file():
-            pub_val = _pairs(read_list(official_root / "val.txt"), official_root / "val.txt")
-            if set(pub_val) != set(val):
+        if pub_val is not None:
+            if set(pub_val[0]) != set(val):
                 raise DataError(
-                    f"{official_root / 'val.txt'}: published val list ({len(pub_val)} items) differs from "
+                    f"{pub_val[1]}: published val list ({len(pub_val[0])} items) differs from "
                     f"{lists_dir / 'val.txt'} ({len(val)} items)"
                 )
-            val = pub_val
+            val = pub_val[0]
         if root is not None:
             check_files(val, f"{out_dir}/val.txt", root)
         write_list(tmp / "val.txt", val)

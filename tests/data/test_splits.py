@@ -24,7 +24,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.data.splits", *args], capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.data.splits", *args], capture_output=True, text=True
+    )
 
 
 def line(i: str) -> str:
