@@ -4,20 +4,25 @@ outputs and the feature-dropout views. Skipped where ../shared is absent."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
 
-from pipeline.config import ModelCfg
+from pipeline.config import ModelCfg, load_params
 from pipeline.model import build_backbone, build_model, from_reference_state_dict
+from tests.conftest import REPO
 from tests.refcode import reference
 
 BACKBONES = ("resnet50", "resnet101")
 
 
 def _paper_cfg(backbone: str, **kw) -> ModelCfg:
-    # configs/paper.yaml's model block (deep stem, output stride 16, ASPP 6/12/18, 256/48/256)
-    return ModelCfg(backbone=backbone, deep_stem=True, output_stride=16, **kw)
+    """The model of configs/paper.yaml's Table 2 cells on `backbone`, as a user's run builds it."""
+    params = load_params(REPO / "configs" / "paper.yaml")
+    model, _, _ = params.studies["table2"].cell_sections(params, backbone, "studies.table2")
+    return dataclasses.replace(model, **{"pretrained": None, **kw})
 
 
 def _reference_model(ref_resnet, ref_deeplab, backbone: str, nclass: int = 21) -> nn.Module:
