@@ -78,6 +78,7 @@ def ohem_ce(
     Among valid pixels take the softmax probability of the ground-truth class. If #valid < min_kept
     every valid pixel is kept; otherwise threshold = max(thresh, min_kept-th smallest probability)
     and pixels with probability <= threshold are kept. Then a plain mean CE over the kept pixels.
+    min_kept <= 0 keeps every valid pixel, as the reference does (its threshold sits under `if min_kept > 0`).
 
     Written without a host sync: invalid pixels get probability 1 (as in the reference), so the
     k-th smallest over all pixels (k = min(min_kept, #pixels)) equals the k-th smallest valid one
@@ -92,9 +93,9 @@ def ohem_ce(
             k = min(min_kept, gt_prob.numel())
             kth = gt_prob.flatten().kthvalue(k).values
             threshold = torch.clamp(kth, min=thresh)
-        else:  # reference: no min_kept -> the plain probability threshold
-            threshold = gt_prob.new_tensor(thresh)
-        kept = valid & (gt_prob <= threshold)
+            kept = valid & (gt_prob <= threshold)
+        else:  # the reference mines only with min_kept > 0: otherwise every valid pixel (plain CE)
+            kept = valid
     ce = F.cross_entropy(logits.float(), safe, reduction="none")
     return torch.where(kept, ce, torch.zeros_like(ce)).sum() / kept.sum().clamp(min=1)
 
