@@ -58,6 +58,9 @@ def test_repo_params_load():
             "must be below train.epochs",
         ),
         (lambda r: r["ray"].update(max_concurrent=-2), "ray.max_concurrent", "integer >= 0"),
+        (lambda r: r["train"].update(batch_l=8, ohem_chunk=3), "train.ohem_chunk", "divisor of batch_l (8)"),
+        (lambda r: r["train"].update(ohem_chunk=0), "train.ohem_chunk", "positive divisor"),
+        (lambda r: r["train"].update(ohem_min_kept=-1), "train.ohem_min_kept", "integer >= 0"),
         (
             lambda r: r.update(sweeps={"s": {"study": "demo", "split": "1_16", "max_concurrent": 0}}),
             "sweeps.s.max_concurrent",

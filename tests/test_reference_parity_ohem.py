@@ -10,7 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pipeline.config import TrainCfg
 from pipeline.method.losses import ohem_ce
+from pipeline.train import supervised_loss
 from tests.reference import reference_modules
 
 
@@ -97,3 +99,26 @@ def test_ohem_all_ignored_is_zero_where_the_reference_gives_nan(ref_ohem):
     ref = ref_ohem(ignore_index=255, thresh=0.7, min_kept=10)(logits, target.clone())
     assert torch.isnan(ref)
     assert ohem_ce(logits, target, 0.7, 10).item() == 0.0
+
+
+@pytest.mark.parametrize(
+    "n,chunk,min_kept",
+    [(4, 1, 100), (4, 2, 200), (6, 3, 250)],
+    ids=["R101-8x1-like", "R50-4x2-like", "chunk3"],
+)
+def test_chunked_ohem_is_the_mean_of_the_reference_per_chunk(ref_ohem, n, chunk, min_kept):
+    """The reference: one OHEM call per GPU batch, gradients averaged over GPUs by DDP."""
+    logits, target = _inputs(7, n=n, sharp=1.5)
+    logits = logits * torch.linspace(0.5, 3.0, n).view(n, 1, 1, 1)  # easy and hard images in one batch
+
+    def reference(lg, t):
+        crit = ref_ohem(ignore_index=255, thresh=0.7, min_kept=min_kept)
+        return torch.stack([crit(a, b) for a, b in zip(lg.split(chunk), t.split(chunk), strict=True)]).mean()
+
+    cfg = TrainCfg(batch_l=n, sup_loss="ohem", ohem_min_kept=min_kept, ohem_chunk=chunk)
+    v_ref, g_ref = _value_and_grad(reference, logits, target)
+    v_ours, g_ours = _value_and_grad(supervised_loss(cfg), logits, target)
+    assert torch.allclose(v_ours, v_ref, rtol=1e-5) and torch.allclose(g_ours, g_ref, rtol=1e-4, atol=1e-8)
+    # pooling the batch into one call (min_kept scaled by the number of chunks) is another loss
+    pooled = ohem_ce(logits, target, 0.7, min_kept * n // chunk)
+    assert not torch.allclose(pooled, v_ref, rtol=1e-3)

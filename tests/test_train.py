@@ -11,7 +11,7 @@ import yaml
 
 from pipeline.config import load_params
 from pipeline.orchestrate import study_specs
-from pipeline.train import fit
+from pipeline.train import Dist, fit
 from tests.conftest import REPO
 from tests.test_e2e_dvc import tiny_params
 from tests.test_orchestrate import _prepare
@@ -108,3 +108,10 @@ def test_adaptive_thresholds_and_alignment_are_logged_and_resumed(spec):
         full["_student"].state_dict().values(), out["_student"].state_dict().values(), strict=True
     ):
         assert torch.equal(a, b)
+
+
+def test_ohem_chunk_must_divide_each_workers_batch():
+    s = study_specs(load_params(REPO / "params.yaml"), "demo", REPO)[0]
+    train = dataclasses.replace(s.train, sup_loss="ohem", batch_l=4, batch_u=4, ohem_chunk=4)
+    with pytest.raises(ValueError, match=r"train.ohem_chunk \(4\) must divide each worker's labeled batch"):
+        fit(dataclasses.replace(s, train=train), dist=Dist(rank=0, world=2), device=torch.device("cpu"))
