@@ -280,6 +280,9 @@ class StudyCfg:
     paper_table: str | None = None
     publish: str | None = None  # a committed Markdown file the report also writes this study's tables into
     overrides: OverridesCfg = field(default_factory=OverridesCfg)
+    # per backbone, applied on top of `overrides`: settings the reference ties to the backbone's run
+    # (Cityscapes: R101 on 8 GPUs x 1 image, R50 on 4 x 2 -> its per-GPU OHEM chunk and min_kept)
+    backbone_overrides: dict[str, OverridesCfg] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -560,6 +563,12 @@ def load_params(path: str | Path = "params.yaml") -> Params:
             )
         for b in study.backbones:
             merge(model, {"backbone": b}, f"{key}.backbones")
+        for b, bo in study.backbone_overrides.items():
+            bkey = f"{key}.backbone_overrides.{b}"
+            _check(b in (study.backbones or [model.backbone]), bkey, "a backbone of the study", b)
+            merge(model, {**bo.model, "backbone": b}, f"{bkey}.model")
+            merge(train, bo.train, f"{bkey}.train")
+            merge(method, bo.method, f"{bkey}.method")
     for name, sw in params.sweeps.items():
         key = f"sweeps.{name}"
         if sw.study not in params.studies:

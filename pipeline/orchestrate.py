@@ -69,9 +69,13 @@ def study_specs(params: Params, study_name: str, root: Path) -> list[TrialSpec]:
     specs = []
     for split in study.splits:
         for backbone in study.backbones or [base_model.backbone]:
+            bo = study.backbone_overrides.get(backbone)
+            bkey = f"studies.{study_name}." + ("backbone_overrides" if bo else "backbones")
             model = _local_weights(
-                merge(base_model, {"backbone": backbone}, f"studies.{study_name}.backbones"), paths.root
+                merge(base_model, {**(bo.model if bo else {}), "backbone": backbone}, bkey), paths.root
             )
+            train_b = merge(train, bo.train, bkey) if bo else train
+            method_b = merge(method_base, bo.method, bkey) if bo else method_base
             for variant in study.variants:
                 for seed in study.seeds:
                     cell = f"{split}-{backbone}-{variant}-s{seed}"
@@ -89,8 +93,8 @@ def study_specs(params: Params, study_name: str, root: Path) -> list[TrialSpec]:
                             variant=variant,
                             seed=seed,
                             model=model,
-                            train=train,
-                            method=method_for_variant(method_base, variant),
+                            train=train_b,
+                            method=method_for_variant(method_b, variant),
                         )
                     )
     return specs

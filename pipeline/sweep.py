@@ -26,9 +26,11 @@ def sweep_specs(params: Params, name: str, root: Path) -> list[TrialSpec]:
     """Base cells of the sweep (one per seed); grid mode expands them over r x tau_low."""
     sw = params.sweeps[name]
     template = next(s for s in study_specs(params, sw.study, root) if s.split == sw.split)
-    base = merge(
-        params.method, params.studies[sw.study].overrides.method, f"studies.{sw.study}.overrides.method"
-    )
+    study = params.studies[sw.study]
+    base = merge(params.method, study.overrides.method, f"studies.{sw.study}.overrides.method")
+    bo = study.backbone_overrides.get(template.model.backbone)
+    if bo is not None:
+        base = merge(base, bo.method, f"studies.{sw.study}.backbone_overrides")
     method = method_for_variant(
         merge(base, sw.overrides.method, f"sweeps.{name}.overrides.method"), sw.variant
     )
