@@ -227,6 +227,10 @@ def test_ohem_and_masked_ce_cuda_match_cpu():
     )
     cpu = ohem_ce(lg, target, min_kept=50)
     assert ohem_ce(lg.cuda(), target.cuda(), min_kept=50).item() == pytest.approx(cpu.item(), rel=1e-5)
+    per_image = ohem_ce(lg, target, min_kept=30, chunk=1).item()
+    assert ohem_ce(lg.cuda(), target.cuda(), min_kept=30, chunk=1).item() == pytest.approx(
+        per_image, rel=1e-5
+    )
     keep, valid = target != 255, torch.rand(2, 8, 8, generator=g) < 0.9
     ref = masked_ce(lg, target, keep, valid).item()
     assert masked_ce(lg.cuda(), target.cuda(), keep.cuda(), valid.cuda()).item() == pytest.approx(
