@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import sys
 
+import pytest
+
+from tests import reference
 from tests.reference import reference_modules
 
 
@@ -17,3 +20,9 @@ def test_reference_modules_restore_sys_state():
     assert {k: v for k, v in sys.modules.items() if k in modules} == {
         k: v for k, v in modules.items() if k in sys.modules
     }
+
+
+def test_reference_modules_skip_without_the_folder(monkeypatch, tmp_path):
+    monkeypatch.setattr(reference, "REF", tmp_path / "absent")
+    with pytest.raises(pytest.skip.Exception), reference_modules("util.ohem"):
+        pass
