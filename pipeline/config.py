@@ -143,6 +143,9 @@ class TrainCfg:
     sup_loss: Literal["ce", "ohem"] = "ce"
     ohem_thresh: float = 0.7
     ohem_min_kept: int = 200_000
+    # images per OHEM call (the reference's per-GPU batch: Cityscapes R101 1, R50 2); null = the whole
+    # batch on this device. The loss is the mean of the chunks' OHEM means, as DDP makes it.
+    ohem_chunk: int | None = None
     eval_every: int = 1
     eval_batch: int = 1  # >1 only when all val images share one size
     threads: int = 1  # torch intra-op threads per trial on CPU
@@ -174,6 +177,13 @@ class TrainCfg:
         _check(self.crop >= 32, f"{key}.crop", "an integer >= 32", self.crop)
         _check(self.lr > 0, f"{key}.lr", "a positive float", self.lr)
         _check(0 < self.ohem_thresh < 1, f"{key}.ohem_thresh", "a float in (0, 1)", self.ohem_thresh)
+        _check(self.ohem_min_kept >= 0, f"{key}.ohem_min_kept", "an integer >= 0", self.ohem_min_kept)
+        _check(
+            self.ohem_chunk is None or (self.ohem_chunk >= 1 and self.batch_l % self.ohem_chunk == 0),
+            f"{key}.ohem_chunk",
+            f"null or a positive divisor of batch_l ({self.batch_l})",
+            self.ohem_chunk,
+        )
         _check(self.threads >= 1, f"{key}.threads", "an integer >= 1", self.threads)
 
 

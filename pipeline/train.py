@@ -143,6 +143,15 @@ class _Accum:
         return {k: float(v) / max(self.n, 1) for k, v in self.sums.items()}
 
 
+def supervised_loss(cfg: TrainCfg) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The labeled loss of `cfg`: plain CE, or OHEM per `ohem_chunk` images of this device's batch."""
+    if cfg.sup_loss == "ohem":
+        return functools.partial(
+            ohem_ce, thresh=cfg.ohem_thresh, min_kept=cfg.ohem_min_kept, chunk=cfg.ohem_chunk
+        )
+    return supervised_ce
+
+
 class Trainer:
     """Student, EMA teacher, optimizer and one optimisation step — shared by `fit` and bench/step.py.
 
@@ -189,10 +198,7 @@ class Trainer:
             )
         else:
             self.opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **fast)
-        if cfg.sup_loss == "ohem":
-            self.sup_loss = functools.partial(ohem_ce, thresh=cfg.ohem_thresh, min_kept=cfg.ohem_min_kept)
-        else:
-            self.sup_loss = supervised_ce
+        self.sup_loss = supervised_loss(cfg)
         self.autocast = cuda and cfg.amp
         self.step_model: torch.nn.Module = self.student
         if ddp:  # gradients all-reduced across the trial's workers
@@ -274,6 +280,11 @@ def fit(
             f"{dist.world} workers of a trial"
         )
     batch_l, batch_u = cfg.batch_l // dist.world, cfg.batch_u // dist.world
+    if cfg.sup_loss == "ohem" and cfg.ohem_chunk and batch_l % cfg.ohem_chunk:
+        raise ValueError(
+            f"train.ohem_chunk ({cfg.ohem_chunk}) must divide each worker's labeled batch "
+            f"({cfg.batch_l} / {dist.world} workers = {batch_l})"
+        )
     if device.type == "cpu":
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(spec.seed)

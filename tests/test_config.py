@@ -58,6 +58,21 @@ def test_repo_params_load():
             "must be below train.epochs",
         ),
         (lambda r: r["ray"].update(max_concurrent=-2), "ray.max_concurrent", "integer >= 0"),
+        (lambda r: r["train"].update(batch_l=8, ohem_chunk=3), "train.ohem_chunk", "divisor of batch_l (8)"),
+        (lambda r: r["train"].update(ohem_chunk=0), "train.ohem_chunk", "positive divisor"),
+        (lambda r: r["train"].update(ohem_min_kept=-1), "train.ohem_min_kept", "integer >= 0"),
+        (
+            lambda r: r["studies"]["demo"].update(backbone_overrides={"resnet50": {"train": {"lr": 0.1}}}),
+            "studies.demo.backbone_overrides.resnet50",
+            "names a backbone the study does not train",
+        ),
+        (
+            lambda r: r["studies"]["demo"].update(
+                backbone_overrides={"resnet18": {"train": {"ohem_chunk": 5}}}
+            ),
+            "studies.demo.backbone_overrides.resnet18.train.ohem_chunk",
+            "divisor of batch_l",
+        ),
         (
             lambda r: r.update(sweeps={"s": {"study": "demo", "split": "1_16", "max_concurrent": 0}}),
             "sweeps.s.max_concurrent",

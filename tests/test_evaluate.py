@@ -24,6 +24,8 @@ def test_iou_accumulates_over_the_set_not_per_image():
 
 
 def test_sliding_window_equals_whole_image_when_one_window_covers_it():
+    # one window only when the image is no larger than the stride int(64 * 2/3) = 42: from 43 px on,
+    # the reference also starts a (truncated) window at 42
     torch.manual_seed(0)
     m = build_model(
         ModelCfg(
@@ -31,7 +33,7 @@ def test_sliding_window_equals_whole_image_when_one_window_covers_it():
         ),
         4,
     ).eval()
-    x = torch.randn(1, 3, 40, 56)
+    x = torch.randn(1, 3, 40, 42)
     with torch.no_grad():
         whole = m(x).softmax(1)
         slid = sliding_window_logits(m, x, 4, crop=64)
@@ -58,6 +60,20 @@ def test_sliding_window_visits_reference_positions():
         (490, 801),
         (490, 446),
     ]
+
+
+def test_sliding_window_starts_past_a_window_that_reached_the_border():
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            seen.append(tuple(x.shape[-2:]))
+            return torch.zeros(x.shape[0], 2, *x.shape[-2:])
+
+    sliding_window_logits(Probe(), torch.zeros(1, 3, 200, 150), 2, crop=100)
+    # stride 66: rows 0, 66, 132, 198 and columns 0, 66, 132, as the reference's `while row < h`
+    heights, widths = [100, 100, 68, 2], [100, 84, 18]
+    assert seen == [(hh, ww) for hh in heights for ww in widths]
 
 
 def test_evaluate_perfect_model():

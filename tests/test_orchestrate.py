@@ -15,7 +15,7 @@ import yaml
 from mlflow import MlflowClient
 
 from pipeline.cli import main
-from pipeline.config import load_params
+from pipeline.config import Params, build, load_params
 from pipeline.orchestrate import ResourceError, run_cells, search_limit, study_specs, trial_resources
 from pipeline.sweep import _search, sweep_specs
 from tests.conftest import REPO
@@ -299,3 +299,36 @@ def test_a_trial_killed_between_its_result_and_closing_its_run_is_closed_on_resu
     (runs_dir / f"{spec.cell}.json").write_text(json.dumps({"cell": spec.cell, "mlflow_run_id": run_id}))
     _trainable({"cell": spec.cell}, {spec.cell: spec.to_dict()}, {"uri": uri}, str(runs_dir), {"n": 1})
     assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_paper_cityscapes_ohem_is_the_reference_per_gpu_batch():
+    """R101: 8 GPUs x 1 image, min_kept 100k per call; R50: 4 x 2, 200k (dssn-method.md §6.1)."""
+    params = load_params(REPO / "configs" / "paper.yaml")
+    seen = set()
+    for study in ("table3", "fig3", "table2"):
+        for s in study_specs(params, study, REPO):
+            t = s.train
+            seen.add((study, s.model.backbone, t.sup_loss, t.ohem_chunk, t.ohem_min_kept, t.batch_l))
+    assert {x for x in seen if x[0] == "table3"} == {
+        ("table3", "resnet101", "ohem", 1, 100_000, 8),
+        ("table3", "resnet50", "ohem", 2, 200_000, 8),
+    }
+    assert {x for x in seen if x[0] == "fig3"} == {("fig3", "resnet50", "ohem", 2, 200_000, 8)}
+    assert {x[2:4] for x in seen if x[0] == "table2"} == {("ce", None)}  # VOC untouched
+
+
+def test_backbone_overrides_reach_cells_and_sweeps():
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["studies"]["demo"]["backbones"] = ["resnet18", "resnet34"]
+    raw["studies"]["demo"]["backbone_overrides"] = {
+        "resnet34": {"train": {"lr": 0.01}, "method": {"r": 0.9, "w_con": 0.5}}
+    }
+    raw["sweeps"] = {"s": {"study": "demo", "split": "1_16", "r": [0.8], "tau_low": [0.9]}}
+    params = build(Params, raw, "")
+    cells = {(s.model.backbone, s.variant): s for s in study_specs(params, "demo", REPO)}
+    assert cells[("resnet34", "dssn")].train.lr == 0.01 and cells[("resnet34", "dssn")].method.r == 0.9
+    assert cells[("resnet18", "dssn")].train.lr == 0.001 and cells[("resnet18", "dssn")].method.r == 0.96
+    assert cells[("resnet34", "supervised")].train.epochs == 4  # on top of the study's overrides
+    raw["studies"]["demo"]["backbones"] = ["resnet34"]  # a sweep runs on the study's first backbone
+    sw = sweep_specs(build(Params, raw, ""), "s", REPO)
+    assert {(s.train.lr, s.method.w_con, s.method.r) for s in sw} == {(0.01, 0.5, 0.8)}

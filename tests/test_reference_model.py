@@ -13,7 +13,7 @@ from torch import nn
 from pipeline.config import ModelCfg, load_params
 from pipeline.model import build_backbone, build_model, from_reference_state_dict
 from tests.conftest import REPO
-from tests.refcode import reference
+from tests.reference import reference_modules as reference
 
 BACKBONES = ("resnet50", "resnet101")
 

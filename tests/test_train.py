@@ -11,7 +11,7 @@ import yaml
 
 from pipeline.config import load_params
 from pipeline.orchestrate import study_specs
-from pipeline.train import fit
+from pipeline.train import Dist, fit
 from tests.conftest import REPO
 from tests.test_e2e_dvc import tiny_params
 from tests.test_orchestrate import _prepare
@@ -139,3 +139,10 @@ def test_an_empty_loader_is_an_error_not_a_busy_loop():
     it = _cycle(DataLoader(list(range(3)), batch_size=4, drop_last=True))
     with pytest.raises(RuntimeError, match="yielded no batch: 3 items, batch 4"):
         next(it)
+
+
+def test_ohem_chunk_must_divide_each_workers_batch():
+    s = study_specs(load_params(REPO / "params.yaml"), "demo", REPO)[0]
+    train = dataclasses.replace(s.train, sup_loss="ohem", batch_l=4, batch_u=4, ohem_chunk=4)
+    with pytest.raises(ValueError, match=r"train.ohem_chunk \(4\) must divide each worker's labeled batch"):
+        fit(dataclasses.replace(s, train=train), dist=Dist(rank=0, world=2), device=torch.device("cpu"))

@@ -71,32 +71,48 @@ def supervised_ce(logits: Tensor, target: Tensor, ignore_index: int = 255) -> Te
 
 
 def ohem_ce(
-    logits: Tensor, target: Tensor, thresh: float = 0.7, min_kept: int = 100_000, ignore_index: int = 255
+    logits: Tensor,
+    target: Tensor,
+    thresh: float = 0.7,
+    min_kept: int = 100_000,
+    ignore_index: int = 255,
+    chunk: int | None = None,
 ) -> Tensor:
     """Online hard example mining CE (CPS/TorchSemiSeg rule, spec §6.3): train on the hardest pixels.
 
     Among valid pixels take the softmax probability of the ground-truth class. If #valid < min_kept
     every valid pixel is kept; otherwise threshold = max(thresh, min_kept-th smallest probability)
     and pixels with probability <= threshold are kept. Then a plain mean CE over the kept pixels.
+    min_kept <= 0 keeps every valid pixel, as the reference does (its threshold sits under
+    `if min_kept > 0`).
+
+    `chunk`: images per OHEM call. The reference runs OHEM on each GPU's own batch (Cityscapes:
+    1 image at 8 GPUs x 1, 2 at 4 x 2) and DDP averages the GPUs' gradients, i.e. the loss is the
+    mean over chunks of each chunk's OHEM mean; `chunk` reproduces that on one device. None: one
+    call over the whole batch. A chunk without a valid pixel contributes 0 (the reference: NaN).
 
     Written without a host sync: invalid pixels get probability 1 (as in the reference), so the
     k-th smallest over all pixels (k = min(min_kept, #pixels)) equals the k-th smallest valid one
     when #valid >= min_kept, and is >= every valid probability otherwise (= keep all valid).
     """
+    n = logits.shape[0]
+    per = n if chunk is None else chunk
+    if per < 1 or n % per:
+        raise ValueError(f"ohem_ce: a batch of {n} images does not split into chunks of {chunk}")
     valid = target != ignore_index
     with torch.no_grad():
         prob = logits.detach().float().softmax(1)
         safe = torch.where(valid, target, torch.zeros_like(target))
         gt_prob = prob.gather(1, safe.unsqueeze(1)).squeeze(1).masked_fill(~valid, 1.0)
+        gt_prob, kept = gt_prob.reshape(n // per, -1), valid.reshape(n // per, -1)  # one row per chunk
         if min_kept > 0:
-            k = min(min_kept, gt_prob.numel())
-            kth = gt_prob.flatten().kthvalue(k).values
-            threshold = torch.clamp(kth, min=thresh)
-        else:  # reference: no min_kept -> the plain probability threshold
-            threshold = gt_prob.new_tensor(thresh)
-        kept = valid & (gt_prob <= threshold)
-    ce = F.cross_entropy(logits.float(), safe, reduction="none")
-    return torch.where(kept, ce, torch.zeros_like(ce)).sum() / kept.sum().clamp(min=1)
+            k = min(min_kept, gt_prob.shape[1])
+            threshold = torch.clamp(gt_prob.kthvalue(k, dim=1, keepdim=True).values, min=thresh)
+            kept = kept & (gt_prob <= threshold)
+        # else: the reference mines only with min_kept > 0, otherwise every valid pixel (plain CE)
+    ce = F.cross_entropy(logits.float(), safe, reduction="none").reshape(n // per, -1)
+    per_chunk = torch.where(kept, ce, torch.zeros_like(ce)).sum(1) / kept.sum(1).clamp(min=1)
+    return per_chunk.mean()
 
 
 def zscore(logits: Tensor, dim: int = 1) -> Tensor:

@@ -227,8 +227,28 @@ def test_ohem_and_masked_ce_cuda_match_cpu():
     )
     cpu = ohem_ce(lg, target, min_kept=50)
     assert ohem_ce(lg.cuda(), target.cuda(), min_kept=50).item() == pytest.approx(cpu.item(), rel=1e-5)
+    per_image = ohem_ce(lg, target, min_kept=30, chunk=1).item()
+    assert ohem_ce(lg.cuda(), target.cuda(), min_kept=30, chunk=1).item() == pytest.approx(
+        per_image, rel=1e-5
+    )
     keep, valid = target != 255, torch.rand(2, 8, 8, generator=g) < 0.9
     ref = masked_ce(lg, target, keep, valid).item()
     assert masked_ce(lg.cuda(), target.cuda(), keep.cuda(), valid.cuda()).item() == pytest.approx(
         ref, rel=1e-5
     )
+
+
+def test_ohem_chunks_are_separate_calls_averaged():
+    g = torch.Generator().manual_seed(0)
+    lg = torch.randn(4, 5, 6, 7, generator=g) * torch.tensor([0.3, 1.0, 3.0, 6.0]).view(4, 1, 1, 1)
+    target = torch.randint(0, 5, (4, 6, 7), generator=g)
+    target[:, :2] = 255
+    for chunk in (1, 2, 4):
+        parts = [ohem_ce(a, b, 0.7, 20) for a, b in zip(lg.split(chunk), target.split(chunk), strict=True)]
+        assert ohem_ce(lg, target, 0.7, 20, chunk=chunk).item() == pytest.approx(
+            torch.stack(parts).mean().item(), rel=1e-6
+        )
+    assert ohem_ce(lg, target, 0.7, 20, chunk=4).item() == pytest.approx(ohem_ce(lg, target, 0.7, 20).item())
+    assert ohem_ce(lg, target, 0.7, 20, chunk=1).item() != pytest.approx(ohem_ce(lg, target, 0.7, 80).item())
+    with pytest.raises(ValueError, match="chunks of 3"):
+        ohem_ce(lg, target, 0.7, 20, chunk=3)
