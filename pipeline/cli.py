@@ -202,31 +202,53 @@ def cmd_sweep(params: Params, root: Path, name: str) -> None:
 
 
 def cmd_report(params: Params, root: Path) -> None:
+    """Tables, plots, plot data and metrics from the finished cells' result files (DVC outputs of
+    `train@<study>`): no tracking server is read. Result files of an older version that lack what
+    the report needs are read back from MLflow instead (the error then names the tracking URI)."""
+    import shutil
+
     from pipeline import report
+    from pipeline.io import replace_dir
     from pipeline.tracking import resolve_tracking_uri
 
-    uri = resolve_tracking_uri(params.paths.mlflow_uri, root)
     results = root / params.paths.results
     metrics: dict[str, float] = {}
+    data_tmp = results / ".tmp-report_data"
+    shutil.rmtree(data_tmp, ignore_errors=True)
     for study, scfg in params.studies.items():
-        runs = results / "runs" / study
-        if not runs.exists() or not any(runs.glob("*.json")):
+        files = sorted((results / "runs" / study).glob("*.json"))
+        if not files:
             print(f"report: study {study} has no finished runs yet; skipped")
             continue
-        # Exactly the runs behind the current results (not older runs of a changed config).
-        run_ids = {json.loads(f.read_text())["mlflow_run_id"] for f in runs.glob("*.json")}
-        df = report.load_runs(uri, [f"dssn/{study}"], run_ids=run_ids)
-        hist = report.load_histories(uri, sorted(df["run_id"]))
+        try:
+            df, hist = report.load_results(files)
+        except report.ReportError as e:
+            if "older version" not in str(e):
+                raise
+            uri = resolve_tracking_uri(params.paths.mlflow_uri, root)
+            run_ids = {json.loads(f.read_text())["mlflow_run_id"] for f in files}
+            try:
+                df = report.load_runs(uri, [f"dssn/{study}"], run_ids=run_ids)
+                hist = report.load_histories(uri, sorted(df["run_id"]))
+            except report.ReportError:
+                raise
+            except Exception as err:  # noqa: BLE001 - an unreachable or broken store: one line
+                raise report.ReportError(
+                    f"{e}; reading those runs from MLflow at {uri} failed: {type(err).__name__}: "
+                    f"{str(err).splitlines()[0] if str(err) else ''}"
+                ) from err
         written = report.write_report(df, results, study, paper_table=scfg.paper_table, histories=hist)
         if scfg.publish:
             md = (results / "tables" / f"{study}.md").read_text(encoding="utf-8")
             pngs = [p for p in written if p.suffix == ".png"]
             written.append(report.publish(root / scfg.publish, study, md, pngs))
+        report.write_plot_data(df, hist, data_tmp, study)
         for p in written:
             print(f"report: wrote {_rel(p, root)}")
-        m = results / "metrics" / f"{study}.json"
-        if m.exists():
-            metrics.update({f"{study}/{k}": v for k, v in json.loads(m.read_text()).items()})
+        metrics.update({f"{study}/{k}": v for k, v in report.study_metrics(df).items()})
+    data_tmp.mkdir(parents=True, exist_ok=True)
+    replace_dir(data_tmp, results / "report_data")
+    print(f"report: wrote {_rel(results / 'report_data', root)}/ (plot data for `dvc plots`)")
     write_json(results / "metrics.json", metrics)
 
 

@@ -11,6 +11,12 @@ from pathlib import Path
 from typing import Any
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic(path: Path, write: Callable[[Path], Any]) -> Path:
     """Call `write(tmp)` on a temp file in the same folder, then rename it over `path`.
 
@@ -23,6 +29,7 @@ def atomic(path: Path, write: Callable[[Path], Any]) -> Path:
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; a result file is an ordinary file
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

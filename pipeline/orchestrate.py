@@ -269,7 +269,7 @@ def _run_cell(
     device: torch.device | None = None,
 ) -> None:
     """Fit one cell; rank 0 mirrors every epoch to MLflow and the cell's checkpoint, every rank reports."""
-    from pipeline.tracking import TrialRun, confusion_png
+    from pipeline.tracking import TrialRun, clean_params, confusion_png, source_tags
     from pipeline.train import Dist
 
     dist = dist or Dist()
@@ -297,17 +297,22 @@ def _run_cell(
         }
         info = split_info(Path(spec.split_dir), spec.split)
         tags.update({"dssn.n_labeled": str(info["n_labeled"]), "dssn.n_train": str(info["n_train"])})
+        tags.update(source_tags(tracking["git_commit"], f"dvc.yaml:{tracking['dvc_stage'] or spec.study}"))
         run = TrialRun(
             tracking["uri"],
             tracking["experiment_id"],
             tracking["parent_id"],
-            f"{spec.study}/{spec.cell}",
+            spec.cell,
             tags,
-            flatten(spec.to_dict()),
+            clean_params(flatten(applied_config(spec, device)), tracking.get("root")),
         )
+    # what the result file carries for the report (a resumed cell starts from its saved history)
+    history = (resume or {}).get("history") or []
+    latest: dict[str, Any] = {"metrics": dict(history[-1]) if history else {}, "history": history}
     try:
 
         def on_epoch(epoch: int, metrics: dict[str, float], state: dict) -> None:
+            latest["metrics"], latest["history"] = {**latest["metrics"], **metrics}, state["history"]
             if run is not None:
                 run.log_metrics(metrics, step=epoch)
                 miou = metrics.get("val/miou_student")
@@ -360,6 +365,10 @@ def _run_cell(
             "method.tau_low": spec.method.tau_low,
             "checkpoint_best": str(best_file),
             **{k: v for k, v in summary.items() if not k.startswith("final/iou_")},
+            # the report is built from these (DVC-tracked), MLflow being the browsing mirror
+            "tags": tags,
+            "metrics": {**latest["metrics"], **summary},
+            "history": [{k: v for k, v in h.items() if k in HISTORY_KEYS} for h in latest["history"]],
         }
         write_json(result_file, out)
         run.finish("FINISHED")
@@ -374,6 +383,59 @@ def _run_cell(
         if run is not None:
             run.finish("FAILED")
         raise
+
+
+# per-epoch series kept in a cell's result file (the report's learning curves)
+HISTORY_KEYS = ("epoch", "val/miou_student", "val/miou_teacher", "train/loss", "train/mask_ratio")
+
+
+def applied_config(spec: TrialSpec, device: torch.device | None = None) -> dict[str, Any]:
+    """The trial's resolved config with the fast-path switches as they take effect: bf16 autocast,
+    channels-last and compile are CUDA-only, so a CPU trial runs (and reports) them off."""
+    from pipeline.train import pick_device
+
+    d = spec.to_dict()
+    if (device or pick_device(spec.train)).type != "cuda":
+        d["train"].update(amp=False, channels_last=False, compile=False)
+    return d
+
+
+def shared_params(specs: list[TrialSpec], root: Path) -> dict[str, str]:
+    """The settings every cell of a study shares (the parent run's params)."""
+    from pipeline.tracking import clean_params
+
+    flat = [flatten(s.to_dict()) for s in specs]
+    common = {k: v for k, v in flat[0].items() if all(f.get(k) == v for f in flat[1:])}
+    common.pop("cell", None)
+    return clean_params(common, root)
+
+
+def summary_metrics(summaries: list[dict[str, Any]]) -> dict[str, float]:
+    """Per cell group (split, backbone, variant): mean and std over seeds of the paper's number."""
+    groups: dict[str, list[float]] = {}
+    for s in summaries:
+        v = s.get("final/miou_best")
+        if v is not None:
+            groups.setdefault(f"{s['split']}-{s['backbone']}-{s['variant']}", []).append(float(v))
+    out = {}
+    for g, vals in groups.items():
+        out[f"miou_best/{g}/mean"] = float(np.mean(vals))
+        out[f"miou_best/{g}/std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+        out[f"miou_best/{g}/seeds"] = float(len(vals))
+    return out
+
+
+def trial_name(trial: Any) -> str:
+    """Tune's name for a trial: its cell (and a sweep's r, tau_low), not `_trainable_<hash>`."""
+    cfg = trial.config
+    name = str(cfg.get("cell", trial.trial_id))
+    if "r" in cfg and "tau_low" in cfg:
+        name += f"-r{float(cfg['r']):.4f}-t{float(cfg['tau_low']):.4f}"
+    return name
+
+
+def trial_dirname(trial: Any) -> str:
+    return f"{trial_name(trial)}_{trial.trial_id}"
 
 
 def _save(obj: Any, path: Path) -> None:
@@ -443,8 +505,10 @@ def run_cells(
         ensure_experiment,
         finish_run,
         git_commit,
+        log_parent,
         mark_unfinished,
         resolve_tracking_uri,
+        source_tags,
         start_parent,
     )
 
@@ -490,6 +554,7 @@ def run_cells(
             "dvc.stage": os.environ.get("DVC_STAGE", ""),
             "ray.experiment": exp_name,
             "dssn.n_cells": str(len(specs)),
+            **source_tags(commit, f"dvc.yaml:{os.environ.get('DVC_STAGE') or name}"),
         },
     )
     runs_dir.mkdir(parents=True, exist_ok=True)
@@ -516,6 +581,7 @@ def run_cells(
         "experiment": exp_name,
         "exp_dir": str(exp_dir),
         "cell_keys": cell_keys,
+        "root": str(paths.root),
     }
     trainable = tune.with_resources(
         tune.with_parameters(
@@ -528,7 +594,11 @@ def run_cells(
     else:
         if search is None:
             space = {"cell": tune.grid_search(sorted(spec_dicts))}
-            tune_cfg = tune.TuneConfig(max_concurrent_trials=max_concurrent)
+            tune_cfg = tune.TuneConfig(
+                max_concurrent_trials=max_concurrent,
+                trial_name_creator=trial_name,
+                trial_dirname_creator=trial_dirname,
+            )
         else:
             space = {"cell": sorted(spec_dicts)[0], **search["space"]}  # searchers take no grid axes
             search_alg, limit = search_limit(
@@ -541,6 +611,8 @@ def run_cells(
                 scheduler=search.get("scheduler"),
                 search_alg=search_alg,
                 max_concurrent_trials=limit,
+                trial_name_creator=trial_name,
+                trial_dirname_creator=trial_dirname,
             )
         tuner = tune.Tuner(
             trainable,
@@ -570,5 +642,6 @@ def run_cells(
             f"({', '.join(missing[:5])}), {results.num_errors} errored. "
             f"Re-run to resume them. First errors: {errs}"
         )
+    log_parent(uri, parent, shared_params(specs, paths.root), summary_metrics(summaries))
     finish_run(uri, parent, "FINISHED")
     return {"summaries": summaries, "results": results, "experiment": exp_name}

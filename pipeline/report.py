@@ -135,6 +135,39 @@ def load_runs(
 CURVE_KEYS = ("val/miou_student", "val/miou_teacher")
 
 
+def load_results(files: Sequence[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The runs frame and the learning curves from finished cells' result files
+    (`results/runs/<study>/<cell>.json`, DVC outputs): the same columns as `load_runs` and
+    `load_histories`, with no tracking server involved. Raises ReportError naming a file that is
+    unreadable or written before result files carried tags, metrics and history."""
+    rows, hist = [], []
+    for f in sorted(files):
+        try:
+            r = json.loads(Path(f).read_text())
+        except (OSError, ValueError) as e:
+            raise ReportError(f"{f}: unreadable result file ({e})") from e
+        if not {"tags", "metrics", "history"} <= set(r):
+            raise ReportError(f"{f}: result file without tags/metrics/history (written by an older version)")
+        key = r.get("mlflow_run_id") or r["cell"]
+        row: dict[str, Any] = {"run_id": key, "status": "FINISHED"}
+        row.update({col: r["tags"].get(tag) for tag, col in TAGS.items()})
+        row.update({k: v for k, v in r["metrics"].items() if isinstance(v, int | float)})
+        rows.append(row)
+        hist += [
+            {"run_id": key, "key": k, "step": h["epoch"], "value": h[k]}
+            for h in r["history"]
+            for k in CURVE_KEYS
+            if h.get(k) is not None
+        ]
+    if not rows:
+        raise ReportError("no finished cells (result files) to report")
+    df = pd.DataFrame(rows)
+    for col in ("n_labeled", "n_train", "seed"):
+        df[col] = _to_int(df[col])
+    df["fraction"] = (df["n_labeled"] / df["n_train"]).astype(float)
+    return df.reset_index(drop=True), pd.DataFrame(hist, columns=["run_id", "key", "step", "value"])
+
+
 def load_histories(
     tracking_uri: str, run_ids: Sequence[str], keys: Sequence[str] = CURVE_KEYS
 ) -> pd.DataFrame:
@@ -365,7 +398,7 @@ def write_report(
     paper_table: str | None = None,
     histories: pd.DataFrame | None = None,
 ) -> list[Path]:
-    """tables/<study>.{md,csv}, plots/<study>_*.png, metrics/<study>.json (+ tables/<study>_vs_paper.*);
+    """tables/<study>.{md,csv}, plots/<study>_*.png (+ tables/<study>_vs_paper.*);
     with `histories` (see `load_histories`) also the learning curves plots/<study>_curves.png."""
     out_dir = Path(out_dir)
     tables = study_tables(df)
@@ -415,16 +448,51 @@ def write_report(
     if histories is not None and not histories.empty:
         written.append(_curves(df, histories, out_dir / "plots", study))
 
+    return written
+
+
+def study_metrics(df: pd.DataFrame) -> dict[str, float]:
+    """The paper's number (best epoch of max(student, teacher), mean over seeds) per cell group:
+    what `dvc metrics show/diff` and `dvc exp show` compare."""
     best = summarize(df, ["dataset", "split"], ["backbone", "variant"], PAPER_METRIC)
-    metrics = {
+    return {
         _metric_key(df, r): round(float(r["mean"]), 4)
         for r in best.to_dict("records")
         if not math.isnan(r["mean"])
     }
-    payload = json.dumps(metrics, indent=2, sort_keys=True) + "\n"
-    written.append(
-        atomic(out_dir / "metrics" / f"{study}.json", lambda p: p.write_text(payload, encoding="utf-8"))
-    )
+
+
+def write_plot_data(df: pd.DataFrame, hist: pd.DataFrame | None, out_dir: Path, study: str) -> list[Path]:
+    """CSV series for `dvc plots show/diff` (declared in dvc.yaml), one file per series so that DVC
+    overlays revisions and experiments on the same axes: mIoU vs labeled images per backbone/variant
+    (`miou_vs_labels/`), validation mIoU per epoch (`curves/`) and last-epoch IoU per class
+    (`per_class/`), each the mean over seeds."""
+    out_dir, written = Path(out_dir), []
+
+    def csv(path: Path, frame: pd.DataFrame) -> None:
+        written.append(atomic(path, lambda p: frame.to_csv(p, index=False, float_format="%.4f")))
+
+    for (bb, v), g in df.groupby(["backbone", "variant"]):
+        agg = g.groupby(["split", "n_labeled"])[PAPER_METRIC].agg(["mean", "std", "count"]).reset_index()
+        agg = agg.rename(columns={"mean": "miou", "count": "seeds"}).sort_values("n_labeled")
+        csv(
+            out_dir / "miou_vs_labels" / f"{study}-{bb}-{v}.csv",
+            agg[["n_labeled", "split", "miou", "std", "seeds"]],
+        )
+    if hist is not None and not hist.empty:
+        wide = hist.pivot_table(index=["run_id", "step"], columns="key", values="value").reset_index()
+        wide = wide.merge(df[["run_id", "split", "backbone", "variant"]], on="run_id")
+        cols = [c for c in CURVE_KEYS if c in wide]
+        for (sp, bb, v), g in wide.groupby(["split", "backbone", "variant"]):
+            mean = g.groupby("step")[cols].mean().reset_index().rename(columns={"step": "epoch"})
+            mean.columns = [c.removeprefix("val/") for c in mean.columns]
+            csv(out_dir / "curves" / f"{study}-{sp}-{bb}-{v}.csv", mean)
+    per_class = _prefixed(df, PER_CLASS_PREFIX)
+    if per_class:
+        for (sp, bb, v), g in df.groupby(["split", "backbone", "variant"]):
+            means = g[list(per_class)].mean()
+            frame = pd.DataFrame({"class": list(per_class.values()), "iou": means.to_numpy(dtype=float)})
+            csv(out_dir / "per_class" / f"{study}-{sp}-{bb}-{v}.csv", frame)
     return written
 
 

@@ -137,7 +137,8 @@ def run_sweep(params: Params, name: str, root: Path) -> dict[str, Path]:
 
 
 def write_sweep_report(df: pd.DataFrame, out_dir: Path, name: str, mode: str) -> dict[str, Path]:
-    """The sweep's trials table, its best setting, the sensitivity table and a heatmap."""
+    """The sweep's trials table, its best setting (or tie), the sensitivity table and a heatmap, plus
+    `<results>/sweep_grid/<name>.csv` and `<results>/sweep_best/<name>.json` for `dvc plots`/`metrics`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -156,26 +157,42 @@ def write_sweep_report(df: pd.DataFrame, out_dir: Path, name: str, mode: str) ->
     full = full if len(full) else df
     mean = full.groupby(["r", "tau_low"])["miou"].agg(["mean", "std", "count"]).reset_index()
     best = mean.loc[mean["mean"].idxmax()]
+    tied = mean[mean["mean"] == best["mean"]]  # exact ties are reported as ties, not as one winner
+    best_info = {
+        "r": float(best["r"]),
+        "tau_low": float(best["tau_low"]),
+        "miou": float(best["mean"]),
+        "seeds": int(best["count"]),
+        "tied": len(tied),
+        "mode": mode,
+        "metric": f"best-epoch {METRIC}",
+    }
+    if len(tied) > 1:
+        best_info["tied_settings"] = [
+            {"r": float(r), "tau_low": float(t)} for r, t in zip(tied["r"], tied["tau_low"], strict=True)
+        ]
+    write_text(paths["best"], json.dumps(best_info, indent=2) + "\n")
+    # DVC-tracked copies (dvc.yaml: `dvc plots` draws the grid, `dvc metrics`/`exp show` compare the best)
+    tracked = out_dir.parent.parent
+    write_text(tracked / "sweep_grid" / f"{name}.csv", mean.to_csv(index=False, float_format="%.4f"))
     write_text(
-        paths["best"],
-        json.dumps(
-            {
-                "r": float(best["r"]),
-                "tau_low": float(best["tau_low"]),
-                "miou": float(best["mean"]),
-                "seeds": int(best["count"]),
-                "mode": mode,
-                "metric": f"best-epoch {METRIC}",
-            },
-            indent=2,
-        )
+        tracked / "sweep_best" / f"{name}.json",
+        json.dumps({k: v for k, v in best_info.items() if k in ("r", "tau_low", "miou", "tied")}, indent=2)
         + "\n",
     )
     grid = mean.pivot(index="r", columns="tau_low", values="mean")
     lines = [
         f"# Sweep `{name}` ({mode}): best-epoch student mIoU (%), mean over seeds",
         "",
-        f"Best: r = {best['r']:g}, tau_low = {best['tau_low']:g} -> {best['mean']:.2f}",
+        (
+            f"Best: r = {best['r']:g}, tau_low = {best['tau_low']:g} -> {best['mean']:.2f}"
+            if len(tied) == 1
+            else f"Best: a {len(tied)}-way tie at {best['mean']:.2f} ("
+            + ", ".join(
+                f"r = {r:g}, tau_low = {t:g}" for r, t in zip(tied["r"], tied["tau_low"], strict=True)
+            )
+            + ")"
+        ),
         "",
         f"Sensitivity: spread over the grid {np.nanmax(grid.values) - np.nanmin(grid.values):.2f} points; "
         f"over r (mean per r) {_spread(mean, 'r'):.2f}; over tau_low {_spread(mean, 'tau_low'):.2f}",

@@ -46,17 +46,68 @@ def git_commit(root: Path) -> str:
         return "unknown"
 
 
+# MLflow 3 opens an experiment without this tag on its GenAI (traces) page; with it, on the runs table.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def source_tags(commit: str, entry: str = "stages/train.py") -> dict[str, str]:
+    """The standard tags MLflow's UI shows as Source / User / Git commit."""
+    import getpass
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return {
+        "mlflow.source.name": entry,
+        "mlflow.source.type": "LOCAL",
+        "mlflow.source.git.commit": commit,
+        "mlflow.user": user,
+    }
+
+
 def ensure_experiment(uri: str, name: str, artifact_root: Path | None) -> str:
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp.experiment_id)
+        for k, v in EXPERIMENT_KIND.items():
+            if exp.tags.get(k) != v:
+                client.set_experiment_tag(exp.experiment_id, k, v)
         return exp.experiment_id
     location = None
     if artifact_root is not None and not uri.startswith("http"):
         location = (artifact_root / name.replace("/", "_")).resolve().as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
+
+
+def clean_params(params: dict[str, Any], root: Path | None = None) -> dict[str, str]:
+    """Params as the UI should show them: no `None` placeholders, paths under `root` made relative
+    (a machine's absolute paths are not a setting of the run)."""
+    out = {}
+    prefix = f"{Path(root).resolve()}/" if root is not None else None
+    for k, v in params.items():
+        if v is None:
+            continue
+        if prefix and isinstance(v, str) and v.startswith(prefix):
+            v = v.removeprefix(prefix)
+        out[k] = str(v)[:6000]
+    return out
+
+
+def log_parent(uri: str, run_id: str, params: dict[str, str], metrics: dict[str, float]) -> None:
+    """The study-level summary on the parent run: its shared resolved params and, per cell group,
+    mean and std over seeds. A param an earlier run of the same parent logged stays as it was."""
+    client = MlflowClient(tracking_uri=uri)
+    have = client.get_run(run_id).data.params
+    items = [Param(k, v) for k, v in params.items() if k not in have]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i : i + 100])
+    now = int(time.time() * 1000)
+    ms = [Metric(k, float(v), now, 0) for k, v in metrics.items() if _finite(v)]
+    for i in range(0, len(ms), MAX_BATCH):
+        client.log_batch(run_id, metrics=ms[i : i + MAX_BATCH])
 
 
 def start_parent(uri: str, experiment_id: str, study: str, state_file: Path, tags: dict[str, str]) -> str:
@@ -130,7 +181,7 @@ class TrialRun:
             experiment_id, run_name=name, tags={"role": "trial", "mlflow.parentRunId": parent_id, **tags}
         )
         self.run_id, self.resumed = run.info.run_id, False
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        items = [Param(k, str(v)) for k, v in params.items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 

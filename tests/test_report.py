@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import mlflow
 import pandas as pd
 import pytest
@@ -19,8 +17,10 @@ from pipeline.report import (
     main,
     paper_comparison,
     publish,
+    study_metrics,
     study_tables,
     summarize,
+    write_plot_data,
     write_report,
 )
 
@@ -267,7 +267,6 @@ def test_write_report_files(runs, tmp_path):
         "tables/t2_vs_paper.csv",
         "plots/t2_miou_vs_labels.png",
         "plots/t2_per_class.png",
-        "metrics/t2.json",
     }
     md = (tmp_path / "tables/t2.md").read_text()
     for text in (
@@ -288,7 +287,7 @@ def test_write_report_files(runs, tmp_path):
         with Image.open(tmp_path / "plots" / png) as im:
             im.verify()
             assert im.format == "PNG" and im.size[0] > 100
-    assert json.loads((tmp_path / "metrics/t2.json").read_text()) == {
+    assert study_metrics(runs) == {
         "1_4/dssn/miou_best": 82.1667,
         "1_4/supervised/miou_best": 75.0,
         "1_8/dssn/miou_best": 80.0,
@@ -296,6 +295,28 @@ def test_write_report_files(runs, tmp_path):
         "1_8/unimatch/miou_best": 78.0,
     }
     assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]  # atomic writes left nothing
+
+
+def test_plot_data_for_dvc_one_file_per_series(runs, tmp_path):
+    """CSV series `dvc plots` overlays across revisions: mean over seeds, per backbone/variant."""
+    hist = pd.DataFrame(
+        [
+            {"run_id": rid, "key": k, "step": e, "value": v + e}
+            for rid, v in zip(runs["run_id"], runs["final/miou_best"], strict=True)
+            for k in ("val/miou_student", "val/miou_teacher")
+            for e in (1, 2)
+        ]
+    )
+    written = write_plot_data(runs, hist, tmp_path, "t2")
+    names = {p.relative_to(tmp_path).as_posix() for p in written}
+    assert "miou_vs_labels/t2-resnet101-dssn.csv" in names
+    assert "curves/t2-1_4-resnet101-dssn.csv" in names
+    labels = pd.read_csv(tmp_path / "miou_vs_labels/t2-resnet101-dssn.csv", dtype={"split": str})
+    assert labels["n_labeled"].tolist() == [1323, 2646]  # sorted by labeled count
+    assert labels["miou"].tolist() == [80.0, 82.1667] and labels["seeds"].tolist() == [3, 3]
+    curve = pd.read_csv(tmp_path / "curves/t2-1_4-resnet101-dssn.csv")
+    assert list(curve.columns) == ["epoch", "miou_student", "miou_teacher"]
+    assert curve["miou_student"].tolist() == pytest.approx([83.1667, 84.1667], abs=1e-4)
 
 
 def test_main_exit_codes(db, tmp_path, capsys):
@@ -308,7 +329,7 @@ def test_main_exit_codes(db, tmp_path, capsys):
         main(["--tracking-uri", db, "--study", "t2", "--out", str(tmp_path), "--paper-table", "table2"]) == 0
     )
     assert (tmp_path / "tables/t2_vs_paper.csv").exists()
-    assert "metrics/t2.json" in capsys.readouterr().out
+    assert "tables/t2.md" in capsys.readouterr().out
 
 
 def test_diagnostics_tables_hand_computed(runs):
