@@ -386,7 +386,15 @@ def _run_cell(
 
 
 # per-epoch series kept in a cell's result file (the report's learning curves)
-HISTORY_KEYS = ("epoch", "val/miou_student", "val/miou_teacher", "train/loss", "train/mask_ratio")
+HISTORY_KEYS = (
+    "epoch",
+    "val/miou_student",
+    "val/miou_teacher",
+    "train/loss",
+    "train/loss_s",
+    "train/mask_ratio",
+    "train/mask_ratio_teacher",
+)
 
 
 def applied_config(spec: TrialSpec, device: torch.device | None = None) -> dict[str, Any]:

@@ -497,6 +497,7 @@ def write_plot_data(df: pd.DataFrame, hist: pd.DataFrame | None, out_dir: Path, 
 
 
 PL_KEPT_PREFIX = "pseudo_kept/"
+PL_KEPT_TEACHER_PREFIX = "pseudo_kept_teacher/"
 
 
 def _by_cell_means(df: pd.DataFrame, cols: list[str], scale: float = 1.0) -> str:
@@ -528,20 +529,35 @@ def diagnostics(df: pd.DataFrame) -> list[str]:
             _by_cell_means(df.rename(columns=per_class), list(per_class.values())),
             "",
         ]
-    kept = _prefixed(df, PL_KEPT_PREFIX)
-    if kept and "train/pl_accuracy" in df and df["train/pl_accuracy"].notna().any():
-        cols = {"train/pl_accuracy": "accuracy of kept", **kept}
-        semi = df[df["train/pl_accuracy"].notna()].rename(columns=cols)
-        lines += [
-            "## Pseudo-labels in the last epoch (mean over the n seeds)",
-            "",
-            "Per class: % of the unlabeled pixels the teacher predicts as that class that the selection "
-            "(CPLG, a fixed or an adaptive threshold) keeps for the loss; `accuracy of kept`: % of kept pixels whose "
-            "pseudo-label equals the ground truth.",
-            "",
-            _by_cell_means(semi, list(cols.values()), scale=100.0),
-            "",
-        ]
+    for prefix, acc, title, what in (
+        (
+            PL_KEPT_TEACHER_PREFIX,
+            "train/pl_accuracy_teacher",
+            "Pseudo-labels of the teacher in the last epoch, image level (mean over the n seeds)",
+            "the targets of the two strong views (`loss_s`): the EMA teacher's prediction on the weak view, "
+            "the partner's inside the CutMix box (UniMatch: the student's). Per class: % of the unlabeled "
+            "pixels predicted as that class that the selection (CPLG, a fixed or an adaptive threshold) keeps",
+        ),
+        (
+            PL_KEPT_PREFIX,
+            "train/pl_accuracy",
+            "Pseudo-labels of the student's weak view in the last epoch, feature level (mean over the n seeds)",
+            "the targets of the feature-dropout views (`loss_fp`): the student's own clean prediction. Per "
+            "class: % of the unlabeled pixels predicted as that class that the selection keeps",
+        ),
+    ):
+        kept = _prefixed(df, prefix)
+        if kept and acc in df and df[acc].notna().any():
+            cols = {acc: "accuracy of kept", **kept}
+            semi = df[df[acc].notna()].rename(columns=cols)
+            lines += [
+                f"## {title}",
+                "",
+                f"{what}; `accuracy of kept`: % of kept pixels whose pseudo-label equals the ground truth.",
+                "",
+                _by_cell_means(semi, list(cols.values()), scale=100.0),
+                "",
+            ]
     return lines
 
 

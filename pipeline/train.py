@@ -354,6 +354,10 @@ def fit(
         pl_kept = torch.zeros(k, device=device)
         pl_pred = torch.zeros(k, device=device)
         pl_correct = torch.zeros((), device=device)
+        # the teacher's image-level pseudo-labels (what loss_s trains on), beside the student's weak view
+        plt_kept = torch.zeros(k, device=device)
+        plt_pred = torch.zeros(k, device=device)
+        plt_correct = torch.zeros((), device=device)
         for _ in range(iters):
             bl = _to(next(it_l), device)
             b = Batch(x=bl["image"], y=bl["mask"])
@@ -377,6 +381,14 @@ def fit(
                 pl_pred += pred
                 pl_kept += kept
                 pl_correct += (keep & (labels == bu["gt"])).sum()
+            t_labels, t_keep = stats.pop("plt_labels", None), stats.pop("plt_keep", None)
+            t_valid, t_gt = stats.pop("plt_valid", None), stats.pop("plt_gt", None)
+            if t_labels is not None:
+                pred, kept = class_counts(t_labels, t_keep, t_valid, k)
+                plt_pred += pred
+                plt_kept += kept
+                if t_gt is not None:
+                    plt_correct += (t_keep & (t_labels == t_gt)).sum()
             acc.add({"loss": loss.detach(), **stats})
 
         epoch_metrics = {f"train/{k_}": v for k_, v in acc.means().items()}
@@ -387,6 +399,14 @@ def fit(
             for c, name in enumerate(spec.class_names):
                 p = pl_pred[c].item()
                 epoch_metrics[f"pseudo_kept/{name}"] = pl_kept[c].item() / p if p else float("nan")
+            kept_t, valid_t = plt_kept.sum().item(), plt_pred.sum().item()
+            epoch_metrics["train/pl_accuracy_teacher"] = (
+                plt_correct.item() / kept_t if kept_t else float("nan")
+            )
+            epoch_metrics["train/mask_ratio_teacher"] = kept_t / valid_t if valid_t else float("nan")
+            for c, name in enumerate(spec.class_names):
+                p = plt_pred[c].item()
+                epoch_metrics[f"pseudo_kept_teacher/{name}"] = plt_kept[c].item() / p if p else float("nan")
         if tr.adaptive is not None:
             for name, t in zip(spec.class_names, tr.adaptive.value().tolist(), strict=True):
                 epoch_metrics[f"pl_threshold/{name}"] = t

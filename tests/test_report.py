@@ -351,6 +351,19 @@ def test_diagnostics_tables_hand_computed(runs):
     table = "\n".join(diagnostics(semi))
     assert "| 1_8 / dssn        |   2 |               85.0 |         60.0 |     12.5 |" in table
     assert "supervised" not in table  # only variants that pseudo-label
+    assert "student's weak view" in table and "of the teacher" not in table
+    both = semi.assign(
+        **{
+            "train/pl_accuracy_teacher": [1.0, 0.5, float("nan")],
+            "pseudo_kept_teacher/background": [0.2, 0.4, float("nan")],
+            "pseudo_kept_teacher/person": [0.0, 0.0, float("nan")],
+        }
+    )
+    text = "\n".join(diagnostics(both))
+    teacher, student = text.split("Pseudo-labels of the student")
+    assert "Pseudo-labels of the teacher" in teacher and "`loss_s`" in teacher
+    assert "| 1_8 / dssn        |   2 |               75.0 |         30.0 |      0.0 |" in teacher
+    assert "| 1_8 / dssn        |   2 |               85.0 |         60.0 |     12.5 |" in student
 
 
 def test_learning_curves_from_metric_history(db, runs, tmp_path):

@@ -38,6 +38,8 @@ def test_fit_reports_every_epoch_and_summarises(spec):
         max(m["val/miou_student"], m["val/miou_teacher"]) for _, m, _ in seen
     )
     assert 0 <= last["train/mask_ratio"] <= 1 and "pseudo_kept/disc" in last
+    # pseudo-label statistics by source: the teacher's image-level maps beside the student's weak view
+    assert 0 <= last["train/mask_ratio_teacher"] <= 1 and "pseudo_kept_teacher/disc" in last
 
 
 def test_resume_mid_run_and_after_the_last_epoch(spec):
@@ -68,6 +70,10 @@ def test_oracle_pseudo_labels_through_the_loop(spec):
     assert m["train/pl_accuracy"] == 1.0
     kept = [v for k, v in m.items() if k.startswith("pseudo_kept/") and v == v]  # NaN: class not present
     assert kept and all(v == pytest.approx(1.0) for v in kept)
+    # the teacher's image-level targets (composited with the CutMix partner) are the composited truth
+    assert m["train/pl_accuracy_teacher"] == 1.0 and m["train/mask_ratio_teacher"] == 1.0
+    kept_t = [v for k, v in m.items() if k.startswith("pseudo_kept_teacher/") and v == v]
+    assert len(kept_t) >= 3 and all(v == pytest.approx(1.0) for v in kept_t)
 
 
 def test_warmup_epoch_trains_on_labels_only(spec):

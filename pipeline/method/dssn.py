@@ -142,7 +142,14 @@ def dssn_step(
         "loss_con_img": con_img,
         "loss_con_feat": con_feat,
         "mask_ratio": (keepw & validw).sum() / validw.sum().clamp(min=1),
+        # pseudo-label statistics by source: the student's weak view (feature level, loss_fp) ...
         "pl_labels": tw,
         "pl_keep": keepw & validw,
+        # ... and the teacher's composited maps (image level, the strong views' targets, loss_s)
+        "plt_labels": torch.cat([t1, t2]),
+        "plt_keep": torch.cat([keep1 & valid1, keep2 & valid2]),
+        "plt_valid": torch.cat([valid1, valid2]),
     }
+    if b.u_gt is not None and b.m_gt is not None:
+        stats["plt_gt"] = torch.cat([paste(b.u_gt, b.m_gt, box1), paste(b.u_gt, b.m_gt, box2)])
     return loss, {k: v.detach() for k, v in stats.items()}
