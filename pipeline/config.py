@@ -159,6 +159,7 @@ class TrainCfg:
     compile: bool = True
     log_images: int = 4  # prediction/ground-truth panels logged per trial
     log_checkpoints: bool = False  # also upload best/last student weights as MLflow artifacts
+    progress_every: int = 50  # a progress line from the trial every N steps (and the first); 0 = off
 
     def validate(self, key: str) -> None:
         _check(self.epochs >= 1, f"{key}.epochs", "an integer >= 1", self.epochs)
@@ -185,6 +186,7 @@ class TrainCfg:
             self.ohem_chunk,
         )
         _check(self.threads >= 1, f"{key}.threads", "an integer >= 1", self.threads)
+        _check(self.progress_every >= 0, f"{key}.progress_every", "an integer >= 0", self.progress_every)
 
 
 @dataclass(frozen=True)

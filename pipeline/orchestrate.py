@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.config import ModelCfg, Params, flatten, merge, method_for_variant
+from pipeline.config import ConfigError, ModelCfg, Params, flatten, merge, method_for_variant
 from pipeline.data.classes import class_names
 from pipeline.io import atomic, write_json
-from pipeline.train import TrialSpec, fit
+from pipeline.train import PlanError, TrialSpec, check_plan, fit
 
 ROLE_KEYS = ("dssn.study", "dssn.cell", "ray.trial_id")
 
@@ -494,6 +494,27 @@ def search_limit(search_alg: Any, *limits: int | None) -> tuple[Any, int | None]
     return ConcurrencyLimiter(search_alg, max_concurrent=limit), None
 
 
+def preflight(specs: list[TrialSpec], workers: int, gpus: bool | None) -> None:
+    """Refuse every cell that could not train (`train.check_plan`) before any work starts.
+
+    A loader that yields no batch used to spin inside the trial at 100 % CPU, and one image per
+    device used to die in a BatchNorm traceback inside Ray, retried; both are settled by the list
+    sizes and the batch, so the driver refuses them in one line (exit 2) before Ray starts and
+    before any result file or MLflow run is touched. `gpus`: whether the trial's workers get GPUs
+    (SyncBatchNorm with several workers), None while unknown (`ray.gpus_per_trial: null` before the
+    cluster is seen).
+    """
+    problems = []
+    for spec in specs:
+        try:
+            check_plan(spec, workers, sync_bn=gpus)
+        except PlanError as e:
+            problems.append(str(e))
+    if problems:
+        more = f" (and {len(problems) - 1} more cells)" if len(problems) > 1 else ""
+        raise ConfigError(f"{problems[0]}{more}")
+
+
 def run_cells(
     params: Params,
     root: Path,
@@ -523,15 +544,12 @@ def run_cells(
     paths = study_paths(params, root)
     for spec in specs:  # fail before starting Ray when a split is missing
         split_info(Path(spec.split_dir), spec.split)
-    cluster = connect_ray(params.ray.num_cpus)
     n_workers = params.ray.workers_per_trial
+    gpus = params.ray.gpus_per_trial
+    preflight(specs, n_workers, None if gpus is None else gpus > 0)  # before Ray, MLflow, result files
+    cluster = connect_ray(params.ray.num_cpus)
     resources = trial_resources(cluster, params.ray.cpus_per_trial, params.ray.gpus_per_trial, n_workers)
-    for spec in specs:
-        if spec.train.batch_l % n_workers or spec.train.batch_u % n_workers:
-            raise ResourceError(
-                f"{spec.cell}: batch {spec.train.batch_l}+{spec.train.batch_u} cannot be split "
-                f"over ray.workers_per_trial = {n_workers} workers"
-            )
+    preflight(specs, n_workers, resources["gpu"] > 0)  # now the workers' device is known
     workers = {"n": n_workers, "cpu": resources["cpu"] / n_workers, "gpu": resources["gpu"] / n_workers}
     max_concurrent = params.ray.max_concurrent
     if n_workers > 1:  # the trial itself only drives its workers; cap trials by what the workers need

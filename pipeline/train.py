@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from pipeline.config import DatasetCfg, MethodCfg, ModelCfg, TrainCfg, build, to_dict
-from pipeline.data.datasets import SegList
+from pipeline.data.datasets import SegList, read_pairs
 from pipeline.evaluate import evaluate
 from pipeline.method.align import DistributionAlignment
 from pipeline.method.cplg import AdaptiveThresholds
@@ -121,6 +121,17 @@ def early_rules(m: MethodCfg, iteration: int, semi_start: int, epoch_iters: int)
     copy = since < max(1, m.teacher_copy_epochs * epoch_iters)
     strong_off = since < m.strong_off_epochs * epoch_iters or (since == 0 and m.skip_strong_first_iter)
     return strong_off, 0.0 if copy else m.ema_keep
+
+
+def _progress(cell: str, on: bool) -> Callable[[str], None]:
+    """Progress lines of one trial (Ray forwards a trial's stdout to the driver, so they show in
+    `dvc repro`'s output); flushed, so a slow or stuck step shows where it sits."""
+
+    def say(msg: str) -> None:
+        if on:
+            print(f"[{cell}] {msg}", flush=True)
+
+    return say
 
 
 def _to(batch: dict, device: torch.device) -> dict:
@@ -259,6 +270,117 @@ class Trainer:
         return loss.detach(), stats
 
 
+class PlanError(ValueError):
+    """A trial that cannot train as configured: refused before any work, in one line naming the cause."""
+
+
+def epoch_steps(spec: TrialSpec, n_lab: int, n_unl: int) -> int:
+    """Steps per epoch: `train.iters_per_epoch`, else one pass over the list the epoch is counted on
+    (labeled for `epoch_pass: labeled`, as the reference supervised.py; unlabeled otherwise)."""
+    cfg = spec.train
+    if cfg.iters_per_epoch:
+        return cfg.iters_per_epoch
+    if spec.method.epoch_pass == "labeled":
+        return n_lab // cfg.batch_l
+    return n_unl // cfg.batch_u
+
+
+def check_plan(spec: TrialSpec, world: int = 1, sync_bn: bool | None = False) -> None:
+    """Raise PlanError when this trial's loaders or batch norm cannot work on `world` workers.
+
+    Shared by the driver (before Ray starts, before any result file or MLflow run) and `fit`, so a
+    configuration that would hang or die inside Ray is refused at once instead:
+    - a loader that would yield no batch: its list, or one worker's DistributedSampler shard of it
+      (ceil(n / world) items), smaller than the per-worker batch, since incomplete batches are dropped;
+    - an epoch of no step (`iters_per_epoch` unset and the list smaller than the global batch);
+    - one image per device in a train-mode forward of a batch alone: batch norm over one value per
+      channel (the ASPP image pooling is 1x1) cannot train. Those forwards are the student's in a
+      supervised step (supervised variants, warm-up epochs) on the labeled batch, and the EMA
+      teacher's in the first semi-supervised epoch (train-mode BN, the reference's quirk) on the
+      unlabeled batch; the semi-supervised student always sees labeled + unlabeled together. The
+      reference runs Cityscapes at 1 + 1 per GPU under SyncBatchNorm over 8 GPUs, so it works here
+      when `sync_bn` (DDP on CUDA: `Trainer` converts to SyncBatchNorm) and `world` >= 2. CPU
+      workers (gloo) have no SyncBatchNorm in this project: each normalises its own images, so 1
+      per worker is refused there. `sync_bn=None`: not known yet (the driver before Ray knows the
+      trial's GPUs); the batch-norm rule is then left to the later call.
+    """
+    cfg, m = spec.train, spec.method
+    where = f"{spec.cell}:"
+    workers = f"{world} worker{'s' if world > 1 else ''}"
+    if cfg.batch_l % world or cfg.batch_u % world:
+        raise PlanError(
+            f"{where} train.batch_l/batch_u ({cfg.batch_l}/{cfg.batch_u}) must be divisible by the "
+            f"{workers} of a trial (ray.workers_per_trial)"
+        )
+    split = Path(spec.split_dir) / spec.split
+    sizes = {}
+    for name in ("labeled.txt", "unlabeled.txt"):
+        try:
+            sizes[name] = len(read_pairs(split / name))
+        except ValueError as e:
+            raise PlanError(f"{where} {e}") from e
+    n_lab, n_unl = sizes["labeled.txt"], sizes["unlabeled.txt"]
+    # (list, items the loader draws from, its items as the dataset holds them, batch key, global batch)
+    loaders = []  # the unlabeled list first: the labeled loader's length follows it
+    if m.use_unlabeled:
+        loaders.append(("unlabeled.txt", n_unl, n_unl, "train.batch_u", cfg.batch_u))
+    if m.epoch_pass == "labeled":
+        loaders.append(("labeled.txt", n_lab, n_lab, "train.batch_l", cfg.batch_l))
+    else:  # SegList repeats the labeled list to the unlabeled list's length
+        loaders.append(("labeled.txt", n_lab, max(n_lab, n_unl), "train.batch_l", cfg.batch_l))
+    for name, n_file, n_items, key, batch in loaders:
+        shard, per = -(-n_items // world), batch // world
+        if shard < per:
+            held = f"{n_file} items" + (f", repeated to {n_items}" if n_items != n_file else "")
+            where_batch = (
+                "on 1 worker"
+                if world == 1
+                else f"over {workers}: each worker's shard holds {shard}, fewer than its {per}"
+            )
+            raise PlanError(
+                f"{where} {split / name} ({held}) with {key} {batch} {where_batch}, so its loader would "
+                f"yield no batch (incomplete batches are dropped); lower {key} or use a split with more items"
+            )
+    if epoch_steps(spec, n_lab, n_unl) == 0:
+        what = (
+            f"{split / 'labeled.txt'} ({n_lab} items) with train.batch_l {cfg.batch_l}"
+            if m.epoch_pass == "labeled"
+            else f"{split / 'unlabeled.txt'} ({n_unl} items) with train.batch_u {cfg.batch_u}"
+        )
+        raise PlanError(
+            f"{where} an epoch would have no step: {what} (incomplete batches are dropped); "
+            "set train.iters_per_epoch or lower the batch"
+        )
+    if world > 1 and sync_bn is not False:
+        return  # SyncBatchNorm normalises over the global batch (or not known yet)
+    supervised = not m.use_unlabeled or m.warmup_epochs > 0
+    teacher_bn = m.use_unlabeled and m.teacher
+    for alone, key, batch, forward in (
+        (
+            supervised,
+            "train.batch_l",
+            cfg.batch_l,
+            "the student in a supervised step (variant "
+            f"{spec.variant}{', warm-up epochs' if m.use_unlabeled else ''}) on the labeled images alone",
+        ),
+        (
+            teacher_bn,
+            "train.batch_u",
+            cfg.batch_u,
+            "the EMA teacher, in train mode in the first "
+            "semi-supervised epoch, on the unlabeled images alone",
+        ),
+    ):
+        if alone and batch // world < 2:
+            how = "workers on CPU (gloo) have no SyncBatchNorm; " if world > 1 else ""
+            raise PlanError(
+                f"{where} {key} {batch} over {workers} puts 1 image per device into {forward}: batch "
+                "norm over 1 value per channel (ASPP image pooling) cannot train; "
+                f"{how}use at least 2 per device, or, as the reference's 1 + 1 per GPU, "
+                "ray.workers_per_trial >= 2 on GPUs (SyncBatchNorm over the whole batch)"
+            )
+
+
 def fit(
     spec: TrialSpec,
     on_epoch: EpochCallback | None = None,
@@ -274,6 +396,8 @@ def fit(
     t0 = time.time()
     cfg, mcfg = spec.train, spec.method
     device = device or pick_device(cfg)
+    # the driver ran the same check before Ray started; here the device is known for certain
+    check_plan(spec, dist.world, sync_bn=dist.world > 1 and device.type == "cuda")
     if cfg.batch_l % dist.world or cfg.batch_u % dist.world:
         raise ValueError(
             f"train.batch_l/batch_u ({cfg.batch_l}/{cfg.batch_u}) must be divisible by the "
@@ -295,16 +419,9 @@ def fit(
     unl = SegList(root, split_dir / spec.split / "unlabeled.txt", "train_u", cfg.crop)
     if mcfg.epoch_pass == "labeled":  # the reference supervised.py: one pass over the labeled list
         lab = SegList(root, split_dir / spec.split / "labeled.txt", "train_l", cfg.crop)
-        iters = cfg.iters_per_epoch or len(lab) // cfg.batch_l
-        what = f"{split_dir / spec.split / 'labeled.txt'} ({len(lab)} items) with train.batch_l {cfg.batch_l}"
     else:  # the semi-supervised scripts: the labeled list repeated to the unlabeled list's length
         lab = SegList(root, split_dir / spec.split / "labeled.txt", "train_l", cfg.crop, length=len(unl))
-        iters = cfg.iters_per_epoch or len(unl) // cfg.batch_u
-        what = (
-            f"{split_dir / spec.split / 'unlabeled.txt'} ({len(unl)} items) with train.batch_u {cfg.batch_u}"
-        )
-    if iters == 0:
-        raise ValueError(f"an epoch would have no step: {what} (incomplete batches are dropped)")
+    iters = epoch_steps(spec, len(lab), len(unl))
     val = SegList(root, split_dir / "val.txt", "val")
     total = iters * cfg.epochs
     if mcfg.use_unlabeled and mcfg.warmup_epochs >= cfg.epochs:
@@ -335,6 +452,14 @@ def fit(
                 torch.cuda.set_rng_state(resume["rng"]["cuda"], device)
 
     val_loader = DataLoader(val, batch_size=cfg.eval_batch, shuffle=False, num_workers=cfg.workers)
+    say = _progress(spec.cell, dist.main and cfg.progress_every > 0)
+    say(
+        f"{cfg.epochs} epoch(s) x {iters} steps on {device.type}"
+        + (f" x {dist.world} workers" if dist.world > 1 else "")
+        + f", batch {batch_l} + {batch_u} per worker, crop {cfg.crop}; labeled {len(lab)}, "
+        f"unlabeled {len(unl)}, val {len(val)} items"
+        + (f"; resuming at epoch {state['epoch'] + 1}" if state["epoch"] else "")
+    )
     gen = torch.Generator()  # CPU: augmentation/box parameters are scalars drawn on the host, no device sync
     metrics: dict[str, float] = {}
 
@@ -358,7 +483,8 @@ def fit(
         plt_kept = torch.zeros(k, device=device)
         plt_pred = torch.zeros(k, device=device)
         plt_correct = torch.zeros((), device=device)
-        for _ in range(iters):
+        t_mark, step_mark = time.time(), state["iteration"]
+        for i in range(iters):
             bl = _to(next(it_l), device)
             b = Batch(x=bl["image"], y=bl["mask"])
             bu = None
@@ -390,6 +516,17 @@ def fit(
                 if t_gt is not None:
                     plt_correct += (t_keep & (t_labels == t_gt)).sum()
             acc.add({"loss": loss.detach(), **stats})
+            done = state["iteration"]
+            if i == 0 or i + 1 == iters or (cfg.progress_every and done % cfg.progress_every == 0):
+                if dist.main and cfg.progress_every:  # the loss is a host sync: only on printed steps
+                    per = (time.time() - t_mark) / max(done - step_mark, 1)
+                    eta = per * (total - done)
+                    say(
+                        f"step {done}/{total} (epoch {epoch + 1}/{cfg.epochs}) {per:.2f} s/step "
+                        f"ETA {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d} "
+                        f"loss {loss.item():.4f}"
+                    )
+                t_mark, step_mark = time.time(), done
 
         epoch_metrics = {f"train/{k_}": v for k_, v in acc.means().items()}
         epoch_metrics["train/lr"] = opt.param_groups[0]["lr"]
@@ -419,7 +556,12 @@ def fit(
             for who, model in (("student", student), ("teacher", teacher)):
                 if model is None:
                     continue
+                t_ev = time.time()
                 ev = evaluate(model, val_loader, k, device, spec.dataset.eval_mode, cfg.crop, tr.autocast)
+                say(
+                    f"epoch {epoch + 1}: {who} mIoU {ev['miou']:.2f} on {len(val)} val images "
+                    f"({spec.dataset.eval_mode}) in {time.time() - t_ev:.1f} s"
+                )
                 epoch_metrics[f"val/miou_{who}"] = ev["miou"]
                 for name, v in zip(spec.class_names, ev["iou"], strict=True):
                     epoch_metrics[f"val_class_{who}/{name}"] = v
