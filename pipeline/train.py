@@ -396,8 +396,6 @@ def fit(
     t0 = time.time()
     cfg, mcfg = spec.train, spec.method
     device = device or pick_device(cfg)
-    # the driver ran the same check before Ray started; here the device is known for certain
-    check_plan(spec, dist.world, sync_bn=dist.world > 1 and device.type == "cuda")
     if cfg.batch_l % dist.world or cfg.batch_u % dist.world:
         raise ValueError(
             f"train.batch_l/batch_u ({cfg.batch_l}/{cfg.batch_u}) must be divisible by the "
@@ -409,6 +407,8 @@ def fit(
             f"train.ohem_chunk ({cfg.ohem_chunk}) must divide each worker's labeled batch "
             f"({cfg.batch_l} / {dist.world} workers = {batch_l})"
         )
+    # the driver ran the same check before Ray started; here the device is known for certain
+    check_plan(spec, dist.world, sync_bn=dist.world > 1 and device.type == "cuda")
     if device.type == "cpu":
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(spec.seed)
