@@ -154,18 +154,23 @@ def test_cli_refuses_one_image_per_device_in_seconds(one_plus_one):
     assert "train.batch_u 1 over 1 worker puts 1 image per device into the EMA teacher" in line
 
 
-@pytest.mark.parametrize("variant,batch", [("dssn", (1, 2)), ("unimatch", (1, 1))])
-def test_batch_one_trains_where_it_can_on_one_device(variant, batch, tmp_path):
-    """What the check lets through really trains: 1 labeled image beside 2 unlabeled (the student
-    sees 3), and UniMatch at 1 + 1 (no EMA teacher in train mode)."""
+def _tiny_dssn_spec(tmp_path):
+    """The tiny demo's 1_4 dssn cell on a freshly prepared embedded dataset."""
     params = tiny_params(yaml.safe_load((REPO / "params.yaml").read_text()))
     params["sweeps"] = {}
     root = _prepare(tmp_path, params)
-    spec = next(
+    return next(
         s
         for s in study_specs(load_params(root / "params.yaml"), "demo", root)
         if s.split == "1_4" and s.variant == "dssn"
     )
+
+
+@pytest.mark.parametrize("variant,batch", [("dssn", (1, 2)), ("unimatch", (1, 1))])
+def test_batch_one_trains_where_it_can_on_one_device(variant, batch, tmp_path):
+    """What the check lets through really trains: 1 labeled image beside 2 unlabeled (the student
+    sees 3), and UniMatch at 1 + 1 (no EMA teacher in train mode)."""
+    spec = _tiny_dssn_spec(tmp_path)
     spec = dataclasses.replace(
         spec,
         variant=variant,
@@ -184,14 +189,7 @@ def test_what_the_check_refuses_is_what_batch_norm_would_do(tmp_path, monkeypatc
     the traceback the issue saw inside Ray."""
     import pipeline.train
 
-    params = tiny_params(yaml.safe_load((REPO / "params.yaml").read_text()))
-    params["sweeps"] = {}
-    root = _prepare(tmp_path, params)
-    spec = next(
-        s
-        for s in study_specs(load_params(root / "params.yaml"), "demo", root)
-        if s.split == "1_4" and s.variant == "dssn"
-    )
+    spec = _tiny_dssn_spec(tmp_path)
     spec = dataclasses.replace(
         spec, train=dataclasses.replace(spec.train, epochs=1, iters_per_epoch=1, batch_l=1, batch_u=1)
     )
