@@ -1,0 +1,211 @@
+"""Fault injection through the real entry points (issue 12): every bad input stops with exit 2,
+one line naming the key/file/URI, no traceback, and leaves every earlier output as it was.
+
+The config table runs in-process through `pipeline.cli.main` (the code path of `python
+stages/*.py` and `dvc repro`); a representative subset also runs as real subprocesses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.cli import main
+from tests.conftest import REPO
+
+Mutate = Callable[[dict], None]
+
+
+def _set(path: str, value) -> Mutate:
+    """params[path] = value, with `path` dotted."""
+
+    def mutate(raw: dict) -> None:
+        *head, last = path.split(".")
+        node = raw
+        for k in head:
+            node = node.setdefault(k, {})
+        node[last] = value
+
+    return mutate
+
+
+def _demo(**kw) -> Mutate:
+    return lambda raw: raw["studies"]["demo"].update(kw)
+
+
+def _sweep(**kw) -> Mutate:
+    base = {"study": "demo", "split": "1_16"}
+    return lambda raw: raw.update(sweeps={"s": {**base, **kw}})
+
+
+def _rename_study(name: str) -> Mutate:
+    return lambda raw: raw.update(studies={name: raw["studies"]["demo"]})
+
+
+SYN = "datasets.synthetic"
+# (case id, mutation of the repo's params.yaml, text the one-line message must contain)
+CONFIG_CASES: list[tuple[str, Mutate, str]] = [
+    # issue 12 defect 2: values that passed validation and failed inside the trials
+    ("eval_every_0", _set("train.eval_every", 0), "train.eval_every"),
+    ("eval_every_neg", _set("train.eval_every", -3), "train.eval_every"),
+    ("eval_batch_0", _set("train.eval_batch", 0), "train.eval_batch"),
+    ("workers_neg", _set("train.workers", -1), "train.workers"),
+    ("ray_num_cpus_neg", _set("ray.num_cpus", -1), "ray.num_cpus"),
+    ("ray_num_cpus_0", _set("ray.num_cpus", 0), "ray.num_cpus"),
+    ("ray_max_failures_neg", _set("ray.max_failures", -1), "ray.max_failures"),
+    ("log_images_neg", _set("train.log_images", -1), "train.log_images"),
+    ("head_lr_mult_0", _set("train.head_lr_mult", 0), "train.head_lr_mult"),
+    ("momentum_1", _set("train.momentum", 1.0), "train.momentum"),
+    ("momentum_neg", _set("train.momentum", -0.5), "train.momentum"),
+    ("weight_decay_neg", _set("train.weight_decay", -1e-4), "train.weight_decay"),
+    ("poly_power_neg", _set("train.poly_power", -1), "train.poly_power"),
+    ("lr_nan", _set("train.lr", math.nan), "train.lr"),
+    ("lr_inf", _set("train.lr", math.inf), "train.lr"),
+    ("aspp_rate_0", _set("model.aspp_rates", [0, 12, 18]), "model.aspp_rates"),
+    ("synthetic_seed_neg", _set(f"{SYN}.source.synthetic.seed", -1), f"{SYN}.source.synthetic.seed"),
+    ("split_seed_neg", _set(f"{SYN}.protocols.blended.seed", -2), f"{SYN}.protocols.blended.seed"),
+    ("split_names_dup", _set(f"{SYN}.protocols.blended.names", ["1_8", "1_8"]), "blended.names"),
+    ("split_name_path", _set(f"{SYN}.protocols.blended.names", ["../x"]), "blended.names"),
+    ("study_seeds_dup", _demo(seeds=[0, 0]), "studies.demo.seeds"),
+    ("study_seed_neg", _demo(seeds=[-1]), "studies.demo.seeds"),
+    ("study_variants_dup", _demo(variants=["dssn", "dssn"]), "studies.demo.variants"),
+    ("study_splits_dup", _demo(splits=["1_8", "1_8"]), "studies.demo.splits"),
+    ("study_name_quote", _rename_study("de'mo"), "studies.de'mo"),
+    ("study_name_slash", _rename_study("a/b"), "studies.a/b"),
+    ("study_name_space", _rename_study("my study"), "studies.my study"),
+    ("sweep_grace_0", _sweep(grace_period=0), "sweeps.s.grace_period"),
+    ("sweep_seeds_dup", _sweep(seeds=[1, 1]), "sweeps.s.seeds"),
+    ("sweep_seeds_empty", _sweep(seeds=[]), "sweeps.s.seeds"),
+    ("pretrain_wd_neg", _set("pretrain", {"p": {"seed": 3, "weight_decay": -1}}), "pretrain.p.weight_decay"),
+    ("pretrain_seed_neg", _set("pretrain", {"p": {"seed": -3}}), "pretrain.p.seed"),
+    # checks that held before issue 12 (kept by this table)
+    ("epochs_0", _set("train.epochs", 0), "train.epochs"),
+    ("epochs_float", _set("train.epochs", 2.5), "train.epochs"),
+    ("epochs_str", _set("train.epochs", "ten"), "train.epochs"),
+    ("epochs_bool", _set("train.epochs", True), "train.epochs"),
+    ("iters_0", _set("train.iters_per_epoch", 0), "train.iters_per_epoch"),
+    ("batch_l_0", _set("train.batch_l", 0), "train.batch_l"),
+    ("crop_small", _set("train.crop", 8), "train.crop"),
+    ("lr_0", _set("train.lr", 0), "train.lr"),
+    ("threads_0", _set("train.threads", 0), "train.threads"),
+    ("ohem_thresh_1", _set("train.ohem_thresh", 1.0), "train.ohem_thresh"),
+    ("optimizer_bad", _set("train.optimizer", "adam"), "train.optimizer"),
+    ("device_bad", _set("train.device", "tpu"), "train.device"),
+    ("amp_str", _set("train.amp", "yes"), "train.amp"),
+    ("unknown_train_key", _set("train.epoch", 3), "train.epoch"),
+    ("unknown_section", _set("trainer", {}), "trainer"),
+    ("ray_cpus_0", _set("ray.cpus_per_trial", 0), "ray.cpus_per_trial"),
+    ("ray_gpus_neg", _set("ray.gpus_per_trial", -1), "ray.gpus_per_trial"),
+    ("ray_workers_0", _set("ray.workers_per_trial", 0), "ray.workers_per_trial"),
+    ("backbone_bad", _set("model.backbone", "resnet152"), "model.backbone"),
+    ("aspp_two", _set("model.aspp_rates", [6, 12]), "model.aspp_rates"),
+    ("stride_bad", _set("model.output_stride", 32), "model.output_stride"),
+    ("method_r_big", _set("method.r", 1.5), "method.r"),
+    ("method_tau_1", _set("method.tau_low", 1.0), "method.tau_low"),
+    ("method_ema_1", _set("method.ema_keep", 1.0), "method.ema_keep"),
+    ("method_cutmix_big", _set("method.cutmix_p", 1.5), "method.cutmix_p"),
+    ("method_w_con_neg", _set("method.w_con", -1), "method.w_con"),
+    ("method_nfp_3", _set("method.n_fp", 3), "method.n_fp"),
+    ("num_classes_1", _set(f"{SYN}.num_classes", 1), f"{SYN}.num_classes"),
+    ("synthetic_size_small", _set(f"{SYN}.source.synthetic.size", 16), f"{SYN}.source.synthetic.size"),
+    ("study_dataset_missing", _demo(dataset="voc"), "studies.demo.dataset"),
+    ("study_seeds_empty", _demo(seeds=[]), "studies.demo"),
+    ("study_variant_unknown", _demo(variants=["magic"]), "studies.demo.variants"),
+    ("paths_results_list", _set("paths.results", [1]), "paths.results"),
+    ("pretrain_same_seed", _set("pretrain", {"p": {"seed": 0}}), "pretrain.p.seed"),
+]
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.md5(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != "params.yaml"
+    }
+
+
+def _earlier_outputs(root: Path) -> None:
+    """What a finished study leaves: result files, a table, a Ray experiment folder."""
+    for rel, text in {
+        "results/runs/demo/1_4-resnet18-dssn-s0.json": '{"cell": "1_4-resnet18-dssn-s0"}\n',
+        "results/tables/demo.md": "| table |\n",
+        "ray_results/demo-0123456789/mlflow_parent_run_id": "abc\n",
+        "data/splits/synthetic/blended/1_4/labeled.txt": "a\n",
+    }.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+
+
+def _params(root: Path, mutate: Mutate) -> Path:
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    mutate(raw)
+    p = root / "params.yaml"
+    p.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return p
+
+
+def _one_clean_line(err: str, needle: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err, err
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ") and needle in lines[0], err
+
+
+@pytest.mark.parametrize(
+    ("mutate", "needle"), [c[1:] for c in CONFIG_CASES], ids=[c[0] for c in CONFIG_CASES]
+)
+@pytest.mark.parametrize("stage", ["train", "validate"])
+def test_bad_config_stops_before_any_work(tmp_path, monkeypatch, capsys, mutate, needle, stage):
+    _earlier_outputs(tmp_path)
+    p = _params(tmp_path, mutate)
+    before = _snapshot(tmp_path)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    study = next(iter(yaml.safe_load(p.read_text())["studies"]))
+    rc = main(["--params", str(p), *(["train", study] if stage == "train" else ["validate"])])
+    assert rc == 2
+    _one_clean_line(capsys.readouterr().err, needle)
+    assert _snapshot(tmp_path) == before
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def _env(root: Path, **extra: str) -> dict[str, str]:
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS", "DVC_"))}
+    e.update(DVC_ROOT=str(root), PYTHONPATH=str(REPO), MLFLOW_DISABLE_TELEMETRY="true", **extra)
+    return e
+
+
+def run_stage(root: Path, args: list[str], timeout: float = 120, **extra: str) -> subprocess.CompletedProcess:
+    """`python stages/<stage>.py ...` (or `-m module` when args[0] starts with '-m')."""
+    cmd = (
+        [sys.executable, *args]
+        if args[0] == "-m"
+        else [sys.executable, str(REPO / "stages" / args[0]), *args[1:]]
+    )
+    return subprocess.run(
+        cmd, cwd=root, env=_env(root, **extra), capture_output=True, text=True, timeout=timeout
+    )
+
+
+SUBPROCESS_CONFIG = ["eval_every_0", "ray_num_cpus_neg", "study_name_quote", "lr_nan"]
+
+
+@pytest.mark.parametrize("case", SUBPROCESS_CONFIG)
+def test_bad_config_through_the_stage_script(tmp_path, case):
+    mutate, needle = next(c[1:] for c in CONFIG_CASES if c[0] == case)
+    _earlier_outputs(tmp_path)
+    p = _params(tmp_path, mutate)
+    before = _snapshot(tmp_path)
+    study = next(iter(yaml.safe_load(p.read_text())["studies"]))
+    out = run_stage(tmp_path, ["train.py", study])
+    assert out.returncode == 2, out.stderr[-2000:]
+    _one_clean_line(out.stderr, needle)
+    assert _snapshot(tmp_path) == before
