@@ -207,6 +207,7 @@ def cmd_report(params: Params, root: Path) -> None:
 
     uri = resolve_tracking_uri(params.paths.mlflow_uri, root)
     results = root / params.paths.results
+    _preflight_report(uri, results)
     metrics: dict[str, float] = {}
     for study, scfg in params.studies.items():
         runs = results / "runs" / study
@@ -228,6 +229,14 @@ def cmd_report(params: Params, root: Path) -> None:
         if m.exists():
             metrics.update({f"{study}/{k}": v for k, v in json.loads(m.read_text()).items()})
     write_json(results / "metrics.json", metrics)
+
+
+def _preflight_report(uri: str, results: Path) -> None:
+    """The store answers and the tables can be written, before any run is read."""
+    from pipeline.preflight import check_tracking_uri, writable_dir
+
+    writable_dir(results, "paths.results")
+    check_tracking_uri(uri)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -265,9 +274,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - one clear line for every expected failure
         from pipeline.data.errors import DataError
         from pipeline.orchestrate import ResourceError
+        from pipeline.preflight import PreflightError
         from pipeline.report import ReportError
 
-        if isinstance(e, DataError | ResourceError | ReportError | FileNotFoundError):
+        if isinstance(e, DataError | ResourceError | ReportError | PreflightError | OSError):
             print(f"error: {e}", file=sys.stderr)
             return 2
         raise
