@@ -209,3 +209,100 @@ def test_bad_config_through_the_stage_script(tmp_path, case):
     assert out.returncode == 2, out.stderr[-2000:]
     _one_clean_line(out.stderr, needle)
     assert _snapshot(tmp_path) == before
+
+
+# --------------------------------------------------------------------------- fetch (defect 3)
+
+
+def _corrupt_tgz(good: Path, out: Path) -> Path:
+    """A gzip stream that is fine but whose tar has a bad member header half-way (tarfile stops
+    there without a word)."""
+    import gzip
+    import tarfile
+
+    raw = bytearray(gzip.decompress(good.read_bytes()))
+    with tarfile.open(good) as t:
+        members = t.getmembers()
+    off = members[len(members) // 2].offset
+    raw[off : off + 100] = b"\x01" * 100
+    out.write_bytes(gzip.compress(bytes(raw)))
+    return out
+
+
+def _wrong_layout_tar(tmp: Path, out: Path) -> Path:
+    import tarfile
+
+    (tmp / "wrong" / "JPEGImages").mkdir(parents=True)
+    (tmp / "wrong" / "JPEGImages" / "a.jpg").write_bytes(b"x")
+    with tarfile.open(out, "w") as t:
+        t.add(tmp / "wrong", arcname="VOC2012")
+    return out
+
+
+def _traversal_tar(out: Path) -> Path:
+    import io
+    import tarfile
+
+    info = tarfile.TarInfo("../evil.txt")
+    info.size = 3
+    with tarfile.open(out, "w") as t:
+        t.addfile(info, io.BytesIO(b"bad"))
+    return out
+
+
+FETCH_CASES = {
+    "corrupt_tgz": (lambda tmp, good: _corrupt_tgz(good, tmp / "bad.tgz"), "corrupt"),
+    "truncated_tgz": (
+        lambda tmp, good: (tmp / "trunc.tgz").write_bytes(good.read_bytes()[:-700]) and tmp / "trunc.tgz",
+        "truncated or corrupt",
+    ),
+    "wrong_layout_tar": (
+        lambda tmp, good: _wrong_layout_tar(tmp, tmp / "wrong.tar"),
+        "not the expected archive",
+    ),
+    "traversal_tar": (lambda tmp, good: _traversal_tar(tmp / "evil.tar"), "escape"),
+    "not_an_archive": (
+        lambda tmp, good: (tmp / "text.tgz").write_text("hello\n" * 100) and tmp / "text.tgz",
+        "truncated or corrupt",
+    ),
+}
+
+
+def _voc_params(root: Path, archive: Path, md5: str | None) -> Path:
+    def mutate(raw: dict) -> None:
+        raw["datasets"]["voc"] = {
+            "kind": "voc",
+            "num_classes": 21,
+            "protocols": {"blended": {"names": ["1_8"]}},
+            "source": {"archive": str(archive), "md5": md5, "use_sbd": False, "verify_counts": False},
+        }
+
+    return _params(root, mutate)
+
+
+@pytest.mark.parametrize("case", sorted(FETCH_CASES))
+def test_bad_archive_keeps_the_earlier_extraction(tmp_path, monkeypatch, capsys, case):
+    from tests.data.builders import tar_of, voc_tree
+
+    src = tmp_path / "src"
+    voc_tree(src)
+    good = tar_of(src / "VOCdevkit", tmp_path / "voc.tgz", "VOCdevkit")
+    root = tmp_path / "repo"
+    root.mkdir()
+    monkeypatch.setenv("DVC_ROOT", str(root))
+    monkeypatch.chdir(root)
+    p = _voc_params(root, good, hashlib.md5(good.read_bytes()).hexdigest())
+    assert main(["--params", str(p), "fetch", "voc"]) == 0
+    capsys.readouterr()
+    before = _snapshot(root)
+    assert any("JPEGImages" in k for k in before)
+
+    make, needle = FETCH_CASES[case]
+    bad = make(tmp_path, good)
+    p = _voc_params(root, bad, hashlib.md5(bad.read_bytes()).hexdigest())
+    assert main(["--params", str(p), "fetch", "voc"]) == 2
+    err = capsys.readouterr().err
+    _one_clean_line(err, needle)
+    assert bad.name in err
+    assert _snapshot(root) == before
+    assert not [q for q in (root / "data/raw/voc").iterdir() if q.name.startswith(".tmp")]
