@@ -135,7 +135,7 @@ def _snapshot(root: Path) -> dict[str, str]:
 def _earlier_outputs(root: Path) -> None:
     """What a finished study leaves: result files, a table, a Ray experiment folder."""
     for rel, text in {
-        "results/runs/demo/1_4-resnet18-dssn-s0.json": '{"cell": "1_4-resnet18-dssn-s0"}\n',
+        "results/runs/demo/1_4-resnet18-dssn-s0.json": '{"cell": "1_4-resnet18-dssn-s0", "mlflow_run_id": "0"}\n',
         "results/tables/demo.md": "| table |\n",
         "ray_results/demo-0123456789/mlflow_parent_run_id": "abc\n",
         "data/splits/synthetic/blended/1_4/labeled.txt": "a\n",
@@ -198,6 +198,7 @@ def run_stage(root: Path, args: list[str], timeout: float = 120, **extra: str) -
 SUBPROCESS_CONFIG = ["eval_every_0", "ray_num_cpus_neg", "study_name_quote", "lr_nan"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", SUBPROCESS_CONFIG)
 def test_bad_config_through_the_stage_script(tmp_path, case):
     mutate, needle = next(c[1:] for c in CONFIG_CASES if c[0] == case)
@@ -306,3 +307,176 @@ def test_bad_archive_keeps_the_earlier_extraction(tmp_path, monkeypatch, capsys,
     assert bad.name in err
     assert _snapshot(root) == before
     assert not [q for q in (root / "data/raw/voc").iterdir() if q.name.startswith(".tmp")]
+
+
+# --------------------------------------------------------------------------- places (defects 4, 7)
+
+
+def _fake_splits(root: Path) -> None:
+    """Just enough for `train demo` to reach its pre-flight checks (no training happens)."""
+    for split in ("1_16", "1_8", "1_4"):
+        f = root / "data/splits/synthetic/blended" / split / "split.json"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text('{"n_labeled": 1, "n_train": 2}\n')
+
+
+def _under_file(key: str, leaf: str) -> Callable[[Path], Mutate]:
+    """paths.<key> names a folder below a plain file."""
+
+    def make(root: Path) -> Mutate:
+        (root / "afile").write_text("not a folder\n")
+        return _set(f"paths.{key}", f"afile/{leaf}")
+
+    return make
+
+
+def _sqlite_under_file(root: Path) -> Mutate:
+    (root / "afile").write_text("x\n")
+    return _set("paths.mlflow_uri", f"sqlite:///{root}/afile/mlflow.db")
+
+
+def _keep(root: Path) -> Mutate:
+    return lambda raw: None
+
+
+# (case id, make mutation(root), environment, stages to run, text of the one line)
+PLACE_CASES: list[tuple[str, Callable[[Path], Mutate], dict[str, str], str]] = [
+    ("ray_address_closed_port", _keep, {"RAY_ADDRESS": "127.0.0.1:9"}, "RAY_ADDRESS=127.0.0.1:9"),
+    ("ray_address_ray_scheme", _keep, {"RAY_ADDRESS": "ray://127.0.0.1:9"}, "RAY_ADDRESS=ray://127.0.0.1:9"),
+    ("ray_address_garbage", _keep, {"RAY_ADDRESS": "not-an-address"}, "RAY_ADDRESS=not-an-address"),
+    ("mlflow_http_closed", _keep, {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}, "http://127.0.0.1:9"),
+    ("mlflow_unknown_scheme", _keep, {"MLFLOW_TRACKING_URI": "foo://bar"}, "foo://bar"),
+    (
+        "mlflow_postgres_closed",
+        _keep,
+        {"MLFLOW_TRACKING_URI": "postgresql://u@127.0.0.1:9/db"},
+        "127.0.0.1:9",
+    ),
+    ("mlflow_sqlite_under_file", _sqlite_under_file, {}, "paths.mlflow_uri"),
+    ("results_under_file", _under_file("results", "results"), {}, "paths.results"),
+    (
+        "results_is_file",
+        lambda root: (root / "res").write_text("x") and _set("paths.results", "res"),
+        {},
+        "res",
+    ),
+    ("ray_results_under_file", _under_file("ray_results", "rr"), {}, "paths.ray_results"),
+    ("artifacts_under_file", _under_file("mlflow_artifacts", "art"), {}, "paths.mlflow_artifacts"),
+]
+
+
+@pytest.mark.parametrize(
+    ("make", "env", "needle"), [c[1:] for c in PLACE_CASES], ids=[c[0] for c in PLACE_CASES]
+)
+@pytest.mark.parametrize("stage", ["train", "report"])
+def test_unreachable_or_unwritable_places_stop_before_any_work(
+    tmp_path, monkeypatch, capsys, make, env, needle, stage
+):
+    import time
+
+    _earlier_outputs(tmp_path)
+    _fake_splits(tmp_path)
+    p = _params(tmp_path, make(tmp_path))
+    if stage == "report" and "RAY_ADDRESS" in env:
+        pytest.skip("the report does not use Ray")
+    if stage == "report" and ("ray_results" in needle or "artifacts" in needle):
+        pytest.skip("the report does not write Ray results")
+    before = _snapshot(tmp_path)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    t0 = time.time()
+    rc = main(["--params", str(p), *(["train", "demo"] if stage == "train" else ["report"])])
+    assert rc == 2
+    assert time.time() - t0 < 15, "a pre-flight check took too long"
+    _one_clean_line(capsys.readouterr().err, needle)
+    assert _snapshot(tmp_path) == before
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_an_http_server_that_is_not_mlflow_is_named(tmp_path, monkeypatch, capsys):
+    from tests.data.server import LocalServer
+
+    _fake_splits(tmp_path)
+    p = _params(tmp_path, lambda raw: None)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    with LocalServer() as srv:
+        url = srv.add("/x", b"x").rsplit("/", 1)[0]
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        assert main(["--params", str(p), "train", "demo"]) == 2
+    _one_clean_line(capsys.readouterr().err, "not an MLflow server")
+
+
+SUBPROCESS_PLACES = [
+    "ray_address_closed_port",
+    "mlflow_http_closed",
+    "mlflow_unknown_scheme",
+    "results_under_file",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", SUBPROCESS_PLACES)
+def test_places_through_the_stage_script(tmp_path, case):
+    make, env, needle = next(c[1:] for c in PLACE_CASES if c[0] == case)
+    _earlier_outputs(tmp_path)
+    _fake_splits(tmp_path)
+    _params(tmp_path, make(tmp_path))
+    before = _snapshot(tmp_path)
+    out = run_stage(tmp_path, ["train.py", "demo"], timeout=60, **env)
+    assert out.returncode == 2, out.stderr[-2000:]
+    _one_clean_line(out.stderr, needle)
+    assert _snapshot(tmp_path) == before
+
+
+# --------------------------------------------------------------------------- splits CLI (defect 6)
+
+
+def _splits_cli(tmp_path: Path, out: Path, *extra: str, subprocess_: bool = False) -> tuple[int, str]:
+    ids = tmp_path / "ids.txt"
+    ids.write_text("".join(f"id{i:03d}\n" for i in range(64)))
+    args = ["--ids", str(ids), "--protocol", "blended", "--splits", "1_8", "1_4", "--out", str(out), *extra]
+    if subprocess_:
+        r = run_stage(tmp_path, ["-m", "pipeline.data.splits", *args])
+        return r.returncode, r.stderr
+    from pipeline.data.splits import main as splits_main
+
+    return splits_main(args), ""
+
+
+@pytest.mark.parametrize("how", ["in_process", "subprocess"])
+def test_splits_cli_never_replaces_a_file_at_out(tmp_path, capsys, how):
+    out = tmp_path / "precious.txt"
+    out.write_text("my notes\n")
+    rc, err = _splits_cli(tmp_path, out, subprocess_=how == "subprocess")
+    err = err or capsys.readouterr().err
+    assert rc == 2
+    _one_clean_line(err, str(out))
+    assert out.read_text() == "my notes\n"
+
+
+def test_splits_cli_keeps_what_else_the_out_folder_holds(tmp_path):
+    out = tmp_path / "lists"
+    (out / "keep").mkdir(parents=True)
+    (out / "keep" / "notes.txt").write_text("mine\n")
+    (out / "1_8").mkdir()
+    (out / "1_8" / "labeled.txt").write_text("old\n")
+    rc, _ = _splits_cli(tmp_path, out)
+    assert rc == 0
+    assert (out / "keep" / "notes.txt").read_text() == "mine\n"
+    assert (out / "1_8" / "labeled.txt").read_text() != "old\n"
+    assert (out / "1_4" / "split.json").exists()
+    assert not [q for q in tmp_path.iterdir() if q.name.startswith(".tmp")]
+
+
+@pytest.mark.parametrize("how", ["in_process", "subprocess"])
+def test_splits_cli_uncreatable_out_is_one_line(tmp_path, capsys, how):
+    (tmp_path / "afile").write_text("x\n")
+    out = tmp_path / "afile" / "lists"
+    rc, err = _splits_cli(tmp_path, out, subprocess_=how == "subprocess")
+    err = err or capsys.readouterr().err
+    assert rc == 2
+    _one_clean_line(err, "afile")
+    assert (tmp_path / "afile").read_text() == "x\n"
