@@ -215,7 +215,7 @@ def cmd_report(params: Params, root: Path) -> None:
             print(f"report: study {study} has no finished runs yet; skipped")
             continue
         # Exactly the runs behind the current results (not older runs of a changed config).
-        run_ids = {json.loads(f.read_text())["mlflow_run_id"] for f in runs.glob("*.json")}
+        run_ids = {_run_id(f) for f in runs.glob("*.json")}
         df = report.load_runs(uri, [f"dssn/{study}"], run_ids=run_ids)
         hist = report.load_histories(uri, sorted(df["run_id"]))
         written = report.write_report(df, results, study, paper_table=scfg.paper_table, histories=hist)
@@ -229,6 +229,18 @@ def cmd_report(params: Params, root: Path) -> None:
         if m.exists():
             metrics.update({f"{study}/{k}": v for k, v in json.loads(m.read_text()).items()})
     write_json(results / "metrics.json", metrics)
+
+
+def _run_id(result_file: Path) -> str:
+    """The MLflow run behind a result file; a damaged file is named, not a KeyError."""
+    from pipeline.report import ReportError
+
+    try:
+        return str(json.loads(result_file.read_text())["mlflow_run_id"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ReportError(
+            f"{result_file}: not a result file ({type(e).__name__}); re-run `dvc repro train@<study>`"
+        ) from None
 
 
 def _preflight_report(uri: str, results: Path) -> None:

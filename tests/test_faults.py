@@ -480,3 +480,24 @@ def test_splits_cli_uncreatable_out_is_one_line(tmp_path, capsys, how):
     assert rc == 2
     _one_clean_line(err, "afile")
     assert (tmp_path / "afile").read_text() == "x\n"
+
+
+# --------------------------------------------------------------------------- report inputs
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["{", "[]", '{"cell": "x"}', "", '{"mlflow_run_id": 1'],
+    ids=["cut", "list", "no_run", "empty", "cut2"],
+)
+def test_damaged_result_file_is_named_by_the_report(tmp_path, monkeypatch, capsys, text):
+    _earlier_outputs(tmp_path)
+    bad = tmp_path / "results/runs/demo/1_8-resnet18-dssn-s0.json"
+    bad.write_text(text)
+    p = _params(tmp_path, lambda raw: None)
+    before = _snapshot(tmp_path)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert main(["--params", str(p), "report"]) == 2
+    _one_clean_line(capsys.readouterr().err, str(bad))
+    assert _snapshot(tmp_path) == before

@@ -124,3 +124,41 @@ def test_cell_trained_again_after_its_folders_are_gone_has_one_run(tmp_path):
     client, trials = _trial_runs(root)
     assert len(trials) == 1, "a cell has two active runs"
     assert_one_run_per_cell_one_copy(root, {CELL}, 2)
+
+
+def test_a_retried_trial_logs_each_point_once_and_a_fresh_start_replaces_its_run(tmp_path):
+    """Defect 5: a trial resumed (Ray retry, re-run) from epoch 2 re-logs epoch 2 and final/*
+    without a second copy; a trial that starts from scratch leaves one active run for its cell."""
+    from pipeline.tracking import TrialRun
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("dssn/demo", artifact_location=(tmp_path / "art").as_uri())
+    tags = {
+        "dssn.study": "demo",
+        "dssn.cell": "c",
+        "dssn.cell_key": "k1",
+        "ray.experiment": "e1",
+        "ray.trial_id": "t1",
+    }
+
+    def attempt(resume_from, trial):
+        run = TrialRun(uri, exp, "parent", "demo/c", {**tags, "ray.trial_id": trial}, {"a": 1}, resume_from)
+        for epoch in range((resume_from or 0) + 1, 3):
+            run.log_metrics({"val/miou": 10.0 * epoch}, step=epoch)
+        run.log_metrics({"final/miou_best": 20.0}, step=2)
+        return run
+
+    first = attempt(None, "t1")
+    first.log_metrics({"val/miou": 20.0}, step=2)  # killed after logging epoch 2, before its checkpoint
+    second = attempt(1, "t2")  # resumes from the epoch-1 checkpoint
+    third = attempt(2, "t3")  # a retry after the final metrics were logged
+    assert first.run_id == second.run_id == third.run_id
+    assert [m.step for m in client.get_metric_history(first.run_id, "val/miou")] == [1, 2]
+    assert len(client.get_metric_history(first.run_id, "final/miou_best")) == 1
+    assert client.get_run(first.run_id).data.tags["ray.trial_id"] == "t3"
+
+    fresh = attempt(None, "t4")  # its checkpoint is gone: trained again from scratch
+    active = client.search_runs([exp], filter_string="tags.`dssn.cell` = 'c'")
+    assert [r.info.run_id for r in active] == [fresh.run_id] != [first.run_id]
+    assert [m.step for m in client.get_metric_history(fresh.run_id, "val/miou")] == [1, 2]

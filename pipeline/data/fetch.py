@@ -236,6 +236,8 @@ def _extract_all(
         if json.loads(marker.read_text()) == _stamp(archives):
             return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
+    for left in dest.parent.glob(f".tmp-extract-{dest.name}-*"):  # of a killed earlier run
+        shutil.rmtree(left, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-extract-{dest.name}-", dir=dest.parent))
     try:
         for a in archives:
