@@ -132,8 +132,32 @@ def _snapshot(root: Path) -> dict[str, str]:
     }
 
 
+_DB: dict[str, Path] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _finished_study_db(tmp_path_factory):
+    """An MLflow store holding a finished study (experiment, parent and trial run), built once; each
+    case gets a copy as `mlflow.db`, so the snapshot shows that no earlier run changed."""
+    from mlflow import MlflowClient
+
+    d = tmp_path_factory.mktemp("db")
+    client = MlflowClient(tracking_uri=f"sqlite:///{d / 'mlflow.db'}")
+    exp = client.create_experiment("dssn/demo", artifact_location=(d / "art").as_uri())
+    parent = client.create_run(exp, tags={"role": "parent", "dssn.study": "demo"}).info.run_id
+    trial = client.create_run(exp, tags={"role": "trial", "dssn.study": "demo", "mlflow.parentRunId": parent})
+    client.log_metric(trial.info.run_id, "val/miou_student", 1.0, step=1)
+    client.set_terminated(trial.info.run_id, "FINISHED")
+    client.set_terminated(parent, "FINISHED")
+    _DB["path"] = d / "mlflow.db"
+    yield
+
+
 def _earlier_outputs(root: Path) -> None:
-    """What a finished study leaves: result files, a table, a Ray experiment folder."""
+    """What a finished study leaves: result files, a table, a Ray experiment folder, MLflow runs."""
+    import shutil
+
+    shutil.copy2(_DB["path"], root / "mlflow.db")
     for rel, text in {
         "results/runs/demo/1_4-resnet18-dssn-s0.json": '{"cell": "1_4-resnet18-dssn-s0", "mlflow_run_id": "0"}\n',
         "results/tables/demo.md": "| table |\n",
@@ -174,7 +198,6 @@ def test_bad_config_stops_before_any_work(tmp_path, monkeypatch, capsys, mutate,
     assert rc == 2
     _one_clean_line(capsys.readouterr().err, needle)
     assert _snapshot(tmp_path) == before
-    assert not (tmp_path / "mlflow.db").exists()
 
 
 def _env(root: Path, **extra: str) -> dict[str, str]:
@@ -392,7 +415,6 @@ def test_unreachable_or_unwritable_places_stop_before_any_work(
     assert time.time() - t0 < 15, "a pre-flight check took too long"
     _one_clean_line(capsys.readouterr().err, needle)
     assert _snapshot(tmp_path) == before
-    assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_an_http_server_that_is_not_mlflow_is_named(tmp_path, monkeypatch, capsys):
@@ -501,3 +523,24 @@ def test_damaged_result_file_is_named_by_the_report(tmp_path, monkeypatch, capsy
     assert main(["--params", str(p), "report"]) == 2
     _one_clean_line(capsys.readouterr().err, str(bad))
     assert _snapshot(tmp_path) == before
+
+
+# --------------------------------------------------------------------------- through `dvc repro`
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["eval_every_0", "study_name_quote"])
+def test_bad_config_through_dvc_repro(tmp_path, case):
+    """The same one line comes out of `dvc repro`, and the stage writes nothing."""
+    from tests.test_e2e_dvc import copy_repo, dvc
+
+    mutate, needle = next(c[1:] for c in CONFIG_CASES if c[0] == case)
+    work = copy_repo(tmp_path)
+    _params(work, mutate)
+    out = dvc(["repro", "--single-item", "fetch@synthetic"], work)
+    assert out.returncode != 0
+    err = out.stdout + out.stderr
+    assert "Traceback" not in err, err[-3000:]
+    ours = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(ours) == 1 and needle in ours[0], err[-3000:]
+    assert not (work / "data" / "raw").exists()
