@@ -15,7 +15,12 @@ import yaml
 
 from tests.conftest import REPO
 from tests.test_orchestrate import _env, _prepare, _train
-from tests.test_reliability import assert_one_run_per_cell_one_copy, kill_when, one_cell_params
+from tests.test_reliability import (  # noqa: F401 - ray_tmpdir is an autouse fixture here too
+    assert_one_run_per_cell_one_copy,
+    kill_when,
+    one_cell_params,
+    ray_tmpdir,
+)
 
 CELLS = {"1_4-resnet18-supervised-s0", "1_4-resnet18-supervised-s1"}
 EPOCHS = 4

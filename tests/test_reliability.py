@@ -22,6 +22,19 @@ from tests.test_orchestrate import _env, _prepare, _train, _trial_runs
 CELL = "1_4-resnet18-supervised-s0"
 
 
+@pytest.fixture(autouse=True)
+def ray_tmpdir(monkeypatch):
+    """Ray's session folders go to a short temp folder removed afterwards, not /tmp/ray (a short
+    path: Ray's socket paths must stay under 107 characters)."""
+    import shutil
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="rt")
+    monkeypatch.setenv("RAY_TMPDIR", d)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
 def one_cell_params(epochs: int = 2, iters: int = 2) -> dict:
     params = tiny_params(yaml.safe_load((REPO / "params.yaml").read_text()))
     demo = params["studies"]["demo"]
