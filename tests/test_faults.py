@@ -544,3 +544,40 @@ def test_bad_config_through_dvc_repro(tmp_path, case):
     ours = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(ours) == 1 and needle in ours[0], err[-3000:]
     assert not (work / "data" / "raw").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0 or not Path("/usr/bin/setpriv").exists(), reason="needs root + setpriv")
+@pytest.mark.parametrize("stage", [["train.py", "demo"], ["report.py"]], ids=["train", "report"])
+def test_read_only_results_is_named_before_any_work(stage):
+    """Defect 7: a read-only results/ (as a user who may not write it: root writes anywhere) stops
+    the stage at once in one line, instead of after the whole training."""
+    import shutil
+    import tempfile
+
+    work = Path(tempfile.mkdtemp(prefix="ro"))  # below /tmp/pytest-of-root `nobody` cannot reach
+    try:
+        _earlier_outputs(work)
+        _fake_splits(work)
+        _params(work, lambda raw: None)
+        for p in [work, *work.rglob("*")]:
+            os.chown(p, 65534, 65534)
+        for p in [work / "results", *(work / "results").rglob("*")]:
+            os.chown(p, 0, 0)  # owned by root, mode 755/644: read-only for `nobody`
+        work.chmod(0o755)
+        before = _snapshot(work)
+        cmd = ["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable]
+        out = subprocess.run(
+            [*cmd, str(REPO / "stages" / stage[0]), *stage[1:]],
+            cwd=work,
+            env=_env(work, HOME=str(work)),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 2, out.stderr[-2000:]
+        _one_clean_line(out.stderr, "not writable")
+        assert str(work / "results") in out.stderr
+        assert _snapshot(work) == before
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
