@@ -91,6 +91,27 @@ def check_ray_address() -> None:
     if not host or not port.isdigit():
         raise PreflightError(f"RAY_ADDRESS={addr}: expected host:port, ray://host:port, auto or local")
     _tcp(host.strip("[]"), int(port), "RAY_ADDRESS", addr)
+    if not _speaks_grpc(host.strip("[]"), int(port)):  # ray.init would retry such a port for ever too
+        raise PreflightError(f"RAY_ADDRESS={addr}: {hostport} answers, but not as a Ray cluster (no gRPC)")
+
+
+def _speaks_grpc(host: str, port: int) -> bool:
+    """Ray's GCS and client server are gRPC: an HTTP/2 server answers the client preface with a
+    SETTINGS frame (type 4); an HTTP/1 server, SSH or anything else does not."""
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+    try:
+        with socket.create_connection((host, port), timeout=TIMEOUT_S) as s:
+            s.settimeout(TIMEOUT_S)
+            s.sendall(preface)
+            head = b""
+            while len(head) < 9:
+                chunk = s.recv(9 - len(head))
+                if not chunk:
+                    break
+                head += chunk
+    except OSError:
+        return False
+    return len(head) == 9 and head[3] == 4
 
 
 def check_before_work(params: Any, uri: str, runs_dir: Path, paths: Any) -> None:

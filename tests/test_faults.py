@@ -431,6 +431,41 @@ def test_an_http_server_that_is_not_mlflow_is_named(tmp_path, monkeypatch, capsy
     _one_clean_line(capsys.readouterr().err, "not an MLflow server")
 
 
+def test_ray_address_that_is_not_ray_is_named(tmp_path, monkeypatch, capsys):
+    from tests.data.server import LocalServer
+
+    _fake_splits(tmp_path)
+    p = _params(tmp_path, lambda raw: None)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    with LocalServer() as srv:
+        hostport = srv.add("/x", b"x").split("//")[1].split("/")[0]
+        monkeypatch.setenv("RAY_ADDRESS", hostport)
+        assert main(["--params", str(p), "train", "demo"]) == 2
+    _one_clean_line(capsys.readouterr().err, f"RAY_ADDRESS={hostport}: {hostport} answers, but not as a Ray")
+
+
+@pytest.mark.slow
+def test_ray_address_of_a_live_cluster_passes(monkeypatch):
+    """The gRPC probe accepts a real Ray GCS (a private local cluster, shut down afterwards)."""
+    import shutil
+    import tempfile
+
+    import ray
+
+    from pipeline.preflight import check_ray_address
+
+    d = tempfile.mkdtemp(prefix="rt")
+    monkeypatch.setenv("RAY_TMPDIR", d)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, object_store_memory=100 * 1024**2)
+    try:
+        monkeypatch.setenv("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+        check_ray_address()
+    finally:
+        ray.shutdown()
+        shutil.rmtree(d, ignore_errors=True)
+
+
 SUBPROCESS_PLACES = [
     "ray_address_closed_port",
     "mlflow_http_closed",
