@@ -209,9 +209,11 @@ def cmd_report(params: Params, root: Path) -> None:
 
     from pipeline import report
     from pipeline.io import replace_dir
+    from pipeline.preflight import check_tracking_uri
     from pipeline.tracking import resolve_tracking_uri
 
     results = root / params.paths.results
+    _preflight_report(results)
     metrics: dict[str, float] = {}
     data_tmp = results / ".tmp-report_data"
     shutil.rmtree(data_tmp, ignore_errors=True)
@@ -226,8 +228,9 @@ def cmd_report(params: Params, root: Path) -> None:
             if "older version" not in str(e):
                 raise
             uri = resolve_tracking_uri(params.paths.mlflow_uri, root)
-            run_ids = {json.loads(f.read_text())["mlflow_run_id"] for f in files}
+            run_ids = {_run_id(f) for f in files}
             try:
+                check_tracking_uri(uri)
                 df = report.load_runs(uri, [f"dssn/{study}"], run_ids=run_ids)
                 hist = report.load_histories(uri, sorted(df["run_id"]))
             except report.ReportError:
@@ -250,6 +253,25 @@ def cmd_report(params: Params, root: Path) -> None:
     replace_dir(data_tmp, results / "report_data")
     print(f"report: wrote {_rel(results / 'report_data', root)}/ (plot data for `dvc plots`)")
     write_json(results / "metrics.json", metrics)
+
+
+def _run_id(result_file: Path) -> str:
+    """The MLflow run behind a result file; a damaged file is named, not a KeyError."""
+    from pipeline.report import ReportError
+
+    try:
+        return str(json.loads(result_file.read_text())["mlflow_run_id"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ReportError(
+            f"{result_file}: not a result file ({type(e).__name__}); re-run `dvc repro train@<study>`"
+        ) from None
+
+
+def _preflight_report(results: Path) -> None:
+    """The tables can be written, before any result is read (the report needs no tracking store)."""
+    from pipeline.preflight import writable_dir
+
+    writable_dir(results, "paths.results")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -287,9 +309,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - one clear line for every expected failure
         from pipeline.data.errors import DataError
         from pipeline.orchestrate import ResourceError
+        from pipeline.preflight import PreflightError
         from pipeline.report import ReportError
 
-        if isinstance(e, DataError | ResourceError | ReportError | FileNotFoundError):
+        if isinstance(e, DataError | ResourceError | ReportError | PreflightError | OSError):
             print(f"error: {e}", file=sys.stderr)
             return 2
         raise

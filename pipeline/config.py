@@ -7,6 +7,8 @@ params.yaml fails before any data is touched or any GPU is reserved.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -43,6 +45,7 @@ class SyntheticCfg:
         _check(self.n_train >= 16, f"{key}.n_train", "an integer >= 16", self.n_train)
         _check(self.n_val >= 1, f"{key}.n_val", "an integer >= 1", self.n_val)
         _check(32 <= self.size <= 512, f"{key}.size", "an integer in [32, 512]", self.size)
+        _check(self.seed >= 0, f"{key}.seed", "an integer >= 0", self.seed)
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,10 @@ class DatasetCfg:
         for name, sp in self.protocols.items():
             _check(name in PROTOCOLS, f"{key}.protocols.{name}", f"one of {list(PROTOCOLS)}", name)
             _check(len(sp.names) > 0, f"{key}.protocols.{name}.names", "a non-empty list", sp.names)
+            _unique(sp.names, f"{key}.protocols.{name}.names")
+            for s in sp.names:
+                _check(_SAFE.fullmatch(s) is not None, f"{key}.protocols.{name}.names", _SAFE_TEXT, s)
+            _check(sp.seed >= 0, f"{key}.protocols.{name}.seed", "an integer >= 0", sp.seed)
             _check(
                 sp.source != "published" or self.kind != "synthetic",
                 f"{key}.protocols.{name}.source",
@@ -122,6 +129,8 @@ class ModelCfg:
 
     def validate(self, key: str) -> None:
         _check(len(self.aspp_rates) == 3, f"{key}.aspp_rates", "three atrous rates", self.aspp_rates)
+        for v in self.aspp_rates:
+            _check(v >= 1, f"{key}.aspp_rates", "three integers >= 1", self.aspp_rates)
         for k in ("aspp_channels", "skip_channels", "decoder_channels"):
             v = getattr(self, k)
             _check(v >= 8, f"{key}.{k}", "an integer >= 8", v)
@@ -187,6 +196,14 @@ class TrainCfg:
         )
         _check(self.threads >= 1, f"{key}.threads", "an integer >= 1", self.threads)
         _check(self.progress_every >= 0, f"{key}.progress_every", "an integer >= 0", self.progress_every)
+        _check(self.eval_every >= 1, f"{key}.eval_every", "an integer >= 1", self.eval_every)
+        _check(self.eval_batch >= 1, f"{key}.eval_batch", "an integer >= 1", self.eval_batch)
+        _check(self.workers >= 0, f"{key}.workers", "an integer >= 0 (data-loader processes)", self.workers)
+        _check(self.log_images >= 0, f"{key}.log_images", "an integer >= 0", self.log_images)
+        _check(self.head_lr_mult > 0, f"{key}.head_lr_mult", "a float > 0", self.head_lr_mult)
+        _check(0 <= self.momentum < 1, f"{key}.momentum", "a float in [0, 1)", self.momentum)
+        _check(self.weight_decay >= 0, f"{key}.weight_decay", "a float >= 0", self.weight_decay)
+        _check(self.poly_power >= 0, f"{key}.poly_power", "a float >= 0", self.poly_power)
 
 
 @dataclass(frozen=True)
@@ -276,6 +293,13 @@ class RayCfg:
     max_failures: int = 1
 
     def validate(self, key: str) -> None:
+        _check(
+            self.num_cpus is None or self.num_cpus >= 1,
+            f"{key}.num_cpus",
+            "null or an integer >= 1",
+            self.num_cpus,
+        )
+        _check(self.max_failures >= 0, f"{key}.max_failures", "an integer >= 0", self.max_failures)
         _check(self.cpus_per_trial > 0, f"{key}.cpus_per_trial", "a float > 0", self.cpus_per_trial)
         _check(
             self.workers_per_trial >= 1, f"{key}.workers_per_trial", "an integer >= 1", self.workers_per_trial
@@ -363,6 +387,11 @@ class SweepCfg:
             _check(0 <= v < 1, f"{key}.tau_low", "values in [0, 1)", v)
         _check(len(self.r) > 0 and len(self.tau_low) > 0, key, "non-empty r and tau_low lists", self)
         _check(self.num_samples >= 1, f"{key}.num_samples", "an integer >= 1", self.num_samples)
+        _check(self.grace_period >= 1, f"{key}.grace_period", "an integer >= 1", self.grace_period)
+        _check(len(self.seeds) > 0, f"{key}.seeds", "a non-empty list", self.seeds)
+        _unique(self.seeds, f"{key}.seeds")
+        for s in self.seeds:
+            _check(s >= 0, f"{key}.seeds", "integers >= 0", s)
         _check(
             self.reduction_factor >= 2, f"{key}.reduction_factor", "an integer >= 2", self.reduction_factor
         )
@@ -391,6 +420,8 @@ class PretrainCfg:
             _check(getattr(self, k) >= 1, f"{key}.{k}", "an integer >= 1", getattr(self, k))
         _check(32 <= self.size <= 512, f"{key}.size", "an integer in [32, 512]", self.size)
         _check(self.lr > 0, f"{key}.lr", "a positive number", self.lr)
+        _check(self.weight_decay >= 0, f"{key}.weight_decay", "a float >= 0", self.weight_decay)
+        _check(self.seed >= 0, f"{key}.seed", "an integer >= 0", self.seed)
 
 
 @dataclass(frozen=True)
@@ -446,6 +477,17 @@ def _check(ok: bool, key: str, expected: str, got: Any) -> None:
         raise ConfigError(f"params: `{key}` must be {expected}, got {got!r}")
 
 
+# Names that become folder names, MLflow experiment names and filter-string values.
+_SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_SAFE_TEXT = "a name of letters, digits, '_', '.' and '-' (it becomes a folder and an MLflow name)"
+
+
+def _unique(values: list[Any], key: str) -> None:
+    """Duplicates would make two trials of one cell (same folder, same result file)."""
+    seen = [v for i, v in enumerate(values) if v in values[:i]]
+    _check(not seen, key, "a list without duplicates", seen[0] if seen else None)
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -497,6 +539,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"params: `{key}` must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"params: `{key}` must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str | int | float) or isinstance(value, bool):
@@ -572,8 +616,15 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     except yaml.YAMLError as e:
         raise ConfigError(f"params: {path} is not valid YAML: {e}") from e
     params = build(Params, raw, "")
+    for section in ("datasets", "studies", "sweeps", "pretrain"):
+        for name in getattr(params, section):
+            _check(_SAFE.fullmatch(name) is not None, f"{section}.{name}", _SAFE_TEXT, name)
     for name, study in params.studies.items():
         key = f"studies.{name}"
+        for field_name in ("splits", "variants", "seeds", "backbones"):
+            _unique(getattr(study, field_name), f"{key}.{field_name}")
+        for s in study.seeds:
+            _check(s >= 0, f"{key}.seeds", "integers >= 0", s)
         if study.dataset not in params.datasets:
             raise ConfigError(
                 f"params: `{key}.dataset` must name a dataset in `datasets` "

@@ -205,10 +205,15 @@ def _trainable(
             method=merge(spec.method, {"r": r, "tau_low": tau}, "sweep"),
         )
     result_file = Path(runs_dir) / f"{spec.cell}.json"
-    if result_file.exists():
+    from pipeline.studystate import current_result
+
+    done = current_result(
+        result_file, tracking.get("cell_keys", {}).get(spec.cell), tracking.get("experiment")
+    )
+    if done is not None:
         from pipeline.tracking import close_if_running
 
-        close_if_running(tracking["uri"], json.loads(result_file.read_text())["mlflow_run_id"])
+        close_if_running(tracking["uri"], done["mlflow_run_id"])
         return
     trial_id = tune.get_context().get_trial_id()
     if workers["n"] <= 1:
@@ -291,6 +296,7 @@ def _run_cell(
             "dssn.seed": str(spec.seed),
             "ray.trial_id": trial_id,
             "ray.experiment": tracking["experiment"],
+            **({"dssn.cell_key": k} if (k := tracking.get("cell_keys", {}).get(spec.cell)) else {}),
             "ray.workers": str(dist.world),
             "git.commit": tracking["git_commit"],
             "dvc.stage": tracking["dvc_stage"],
@@ -305,6 +311,7 @@ def _run_cell(
             spec.cell,
             tags,
             clean_params(flatten(applied_config(spec, device)), tracking.get("root")),
+            resume_from=None if resume is None else int(resume["epoch"]),
         )
     # what the result file carries for the report (a resumed cell starts from its saved history)
     history = (resume or {}).get("history") or []
@@ -528,14 +535,13 @@ def run_cells(
     `search` = {"space": {param: tune domain}, "num_samples": n, "scheduler": ..., "search_alg": ...,
     "metric": ..., "mode": ...}: exploration sweeps (ASHA/Optuna) whose trials may be stopped early.
     """
-    from ray import tune
-
+    from pipeline.preflight import check_before_work
+    from pipeline.studystate import commit, reconcile, settle_runs
     from pipeline.tracking import (
         ensure_experiment,
         finish_run,
         git_commit,
         log_parent,
-        mark_unfinished,
         resolve_tracking_uri,
         source_tags,
         start_parent,
@@ -547,6 +553,25 @@ def run_cells(
     n_workers = params.ray.workers_per_trial
     gpus = params.ray.gpus_per_trial
     preflight(specs, n_workers, None if gpus is None else gpus > 0)  # before Ray, MLflow, result files
+    uri = resolve_tracking_uri(params.paths.mlflow_uri, paths.root)
+    check_before_work(params, uri, runs_dir, paths)  # unreachable or unwritable places: before any work
+    spec_dicts = {s.cell: s.to_dict() for s in specs}
+    search_id = None if search is None else search["id"]
+    exp_name = f"{name}-{_hash([spec_dicts, search_id, fingerprint(specs)])}"
+    # A finished cell is reused while its own definition holds (spec, training code, its split lists
+    # and weights): adding a seed or a variant to a study must not retrain the cells already done.
+    cell_keys = {s.cell: _hash([spec_dicts[s.cell], search_id, fingerprint([s])]) for s in specs}
+    exp_dir = paths.ray_results / exp_name
+    state = reconcile(runs_dir, sorted(spec_dicts), cell_keys, exp_name, search is not None)
+    settle_runs(uri, f"dssn/{name}", state)  # no run is left RUNNING by a killed driver
+    if search is None and not state.todo:  # every cell is done: nothing for Ray to do
+        commit(runs_dir, set(spec_dicts), exp_dir, None)
+        return {
+            "summaries": [state.done[c] for c in sorted(spec_dicts)],
+            "results": None,
+            "experiment": exp_name,
+        }
+
     cluster = connect_ray(params.ray.num_cpus)
     resources = trial_resources(cluster, params.ray.cpus_per_trial, params.ray.gpus_per_trial, n_workers)
     preflight(specs, n_workers, resources["gpu"] > 0)  # now the workers' device is known
@@ -559,72 +584,104 @@ def run_cells(
         max_concurrent = max(1, min(max_concurrent or fits, fits))
         resources = {"cpu": 0.01, "gpu": 0}
 
-    uri = resolve_tracking_uri(params.paths.mlflow_uri, paths.root)
     exp_id = ensure_experiment(uri, f"dssn/{name}", paths.artifacts)
-    spec_dicts = {s.cell: s.to_dict() for s in specs}
-    search_id = None if search is None else search["id"]
-    exp_name = f"{name}-{_hash([spec_dicts, search_id, fingerprint(specs)])}"
-    # A finished cell is reused while its own definition holds (spec, training code, its split lists
-    # and weights): adding a seed or a variant to a study must not retrain the cells already done.
-    cell_keys = {s.cell: _hash([spec_dicts[s.cell], search_id, fingerprint([s])]) for s in specs}
-    exp_dir = paths.ray_results / exp_name
     exp_dir.mkdir(parents=True, exist_ok=True)
-    commit = git_commit(paths.root)
+    commit_id = git_commit(paths.root)
     parent = start_parent(
         uri,
         exp_id,
         name,
         exp_dir / "mlflow_parent_run_id",
         {
-            "git.commit": commit,
+            "git.commit": commit_id,
             "dvc.stage": os.environ.get("DVC_STAGE", ""),
             "ray.experiment": exp_name,
             "dssn.n_cells": str(len(specs)),
-            **source_tags(commit, f"dvc.yaml:{os.environ.get('DVC_STAGE') or name}"),
+            **source_tags(commit_id, f"dvc.yaml:{os.environ.get('DVC_STAGE') or name}"),
         },
     )
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    for stale in runs_dir.glob("*.json"):  # results of another definition (params, code, splits)
-        try:
-            done = json.loads(stale.read_text())
-        except (OSError, ValueError):
-            done = {}
-        if search is not None:  # a sweep's trials are its search's, not cells of the study
-            current = done.get("ray_experiment") == exp_name
-        elif "cell_key" in done:
-            current = done["cell_key"] == cell_keys.get(stale.stem)
-        else:  # written before cell keys existed
-            current = done.get("ray_experiment") == exp_name and stale.stem in spec_dicts
-        if not current:
-            stale.unlink()
+    try:
+        out = _fit_and_verify(
+            params,
+            name,
+            specs,
+            spec_dicts,
+            search,
+            state.todo,
+            runs_dir,
+            exp_dir,
+            max_concurrent,
+            resources,
+            workers,
+            {
+                "uri": uri,
+                "experiment_id": exp_id,
+                "parent_id": parent,
+                "git_commit": commit_id,
+                "dvc_stage": os.environ.get("DVC_STAGE", ""),
+                "experiment": exp_name,
+                "exp_dir": str(exp_dir),
+                "cell_keys": cell_keys,
+                "root": str(paths.root),
+            },
+        )
+    except BaseException as e:  # the parent is never left RUNNING; the next run reopens it
+        finish_run(uri, parent, "FAILED" if isinstance(e, Exception) else "KILLED")
+        raise
+    log_parent(uri, parent, shared_params(specs, paths.root), summary_metrics(out["summaries"]))
+    finish_run(uri, parent, "FINISHED")
+    keep = (
+        set(spec_dicts)
+        if search is None
+        else {f.stem for f in runs_dir.glob("*.json")} - {f.stem for f in state.stale}
+    )
+    commit(runs_dir, keep, exp_dir, out.pop("attempt"))  # destructive steps only now
+    return out
 
-    tracking = {
-        "uri": uri,
-        "experiment_id": exp_id,
-        "parent_id": parent,
-        "git_commit": commit,
-        "dvc_stage": os.environ.get("DVC_STAGE", ""),
-        "experiment": exp_name,
-        "exp_dir": str(exp_dir),
-        "cell_keys": cell_keys,
-        "root": str(paths.root),
-    }
+
+def _fit_and_verify(
+    params: Params,
+    name: str,
+    specs: list[TrialSpec],
+    spec_dicts: dict[str, dict],
+    search: dict[str, Any] | None,
+    todo: list[str],
+    runs_dir: Path,
+    exp_dir: Path,
+    max_concurrent: int | None,
+    resources: dict[str, float],
+    workers: dict[str, Any],
+    tracking: dict[str, Any],
+) -> dict[str, Any]:
+    """One Tune run over the cells still to do; raises unless every cell has a current result."""
+    from ray import tune
+
+    from pipeline.studystate import ATTEMPTS, current_result
+    from pipeline.tracking import mark_unfinished
+
+    runs_dir.mkdir(parents=True, exist_ok=True)
     trainable = tune.with_resources(
         tune.with_parameters(
             _trainable, specs=spec_dicts, tracking=tracking, runs_dir=str(runs_dir), workers=workers
         ),
         resources,
     )
-    if tune.Tuner.can_restore(str(exp_dir)):
+    attempt = None
+    if search is not None and tune.Tuner.can_restore(str(exp_dir)):  # a searcher's state is its own
         tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_errored=True)
     else:
         if search is None:
-            space = {"cell": tune.grid_search(sorted(spec_dicts))}
+            # never restored: Ray's record of TERMINATED trials must not hide a cell without a result
+            from pipeline.studystate import next_attempt
+
+            attempt = next_attempt(exp_dir)
+            space = {"cell": tune.grid_search(todo)}
             tune_cfg = tune.TuneConfig(
                 max_concurrent_trials=max_concurrent,
                 trial_name_creator=trial_name,
                 trial_dirname_creator=trial_dirname,
             )
+            run_name, storage = attempt, exp_dir / ATTEMPTS
         else:
             space = {"cell": sorted(spec_dicts)[0], **search["space"]}  # searchers take no grid axes
             search_alg, limit = search_limit(
@@ -640,34 +697,41 @@ def run_cells(
                 trial_name_creator=trial_name,
                 trial_dirname_creator=trial_dirname,
             )
+            run_name, storage = exp_dir.name, exp_dir.parent
         tuner = tune.Tuner(
             trainable,
             param_space=space,
             tune_config=tune_cfg,
             run_config=tune.RunConfig(
-                name=exp_name,
-                storage_path=str(paths.ray_results),
+                name=run_name,
+                storage_path=str(storage),
                 verbose=1,
                 failure_config=tune.FailureConfig(max_failures=params.ray.max_failures),
             ),
         )
     results = tuner.fit()
-    mark_unfinished(uri, exp_id, name, "KILLED")  # trials stopped early by a scheduler
+    mark_unfinished(
+        tracking["uri"], tracking["experiment_id"], name, "KILLED"
+    )  # stopped early by a scheduler
     summaries, missing = [], []
     for cell in sorted(spec_dicts) if search is None else []:
-        f = runs_dir / f"{cell}.json"
-        if f.exists():
-            summaries.append(json.loads(f.read_text()))
+        done = current_result(
+            runs_dir / f"{cell}.json", tracking["cell_keys"].get(cell), tracking["experiment"]
+        )
+        if done is not None:
+            summaries.append(done)
         else:
             missing.append(cell)
     if missing or results.num_errors:
-        finish_run(uri, parent, "FAILED")
         errs = "; ".join(str(e).splitlines()[0] for e in results.errors[:3])
         raise RuntimeError(
             f"{name}: {len(missing)} of {len(spec_dicts)} trials did not finish "
             f"({', '.join(missing[:5])}), {results.num_errors} errored. "
             f"Re-run to resume them. First errors: {errs}"
         )
-    log_parent(uri, parent, shared_params(specs, paths.root), summary_metrics(summaries))
-    finish_run(uri, parent, "FINISHED")
-    return {"summaries": summaries, "results": results, "experiment": exp_name}
+    return {
+        "summaries": summaries,
+        "results": results,
+        "experiment": tracking["experiment"],
+        "attempt": attempt,
+    }

@@ -164,19 +164,29 @@ class TrialRun:
         name: str,
         tags: dict[str, str],
         params: dict[str, Any],
+        resume_from: int | None = None,
     ):
+        """`resume_from`: the epoch of the checkpoint the trial resumes from (None: from scratch).
+
+        A resumed trial continues its run and never logs a (metric, step) it already has; a trial
+        that starts from scratch replaces (soft-deletes) an earlier run of the same cell, so a cell
+        has one run with one copy of each series.
+        """
         self.client = MlflowClient(tracking_uri=uri)
-        query = (
-            f"tags.`ray.experiment` = '{tags['ray.experiment']}' and tags.`dssn.cell` = '{tags['dssn.cell']}' "
-            "and tags.role = 'trial'"
-        )
-        found = self.client.search_runs([experiment_id], filter_string=query, max_results=1)
-        if found:  # a resumed or retried trial continues its run
+        self.logged: set[tuple[str, int]] = set()
+        found = self._find(experiment_id, tags)
+        if found and resume_from is not None:  # a resumed or retried trial continues its run
             self.run_id = found[0].info.run_id
+            for extra in found[1:]:
+                self.client.delete_run(extra.info.run_id)
             self.client.update_run(self.run_id, status="RUNNING")
             self.set_tags({"ray.trial_id": tags["ray.trial_id"]})
+            for key in self.client.get_run(self.run_id).data.metrics:
+                self.logged.update((key, m.step) for m in self.client.get_metric_history(self.run_id, key))
             self.resumed = True
             return
+        for old in found:  # trained again from scratch: the old series would be a second copy
+            self.client.delete_run(old.info.run_id)
         run = self.client.create_run(
             experiment_id, run_name=name, tags={"role": "trial", "mlflow.parentRunId": parent_id, **tags}
         )
@@ -185,9 +195,26 @@ class TrialRun:
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
+    def _find(self, experiment_id: str, tags: dict[str, str]) -> list:
+        """The cell's runs, newest first: by its definition key when it has one (a cell reused
+        across Ray experiments), else by (Ray experiment, cell)."""
+        if tags.get("dssn.cell_key"):
+            query = f"tags.`dssn.cell_key` = '{tags['dssn.cell_key']}'"
+        else:
+            query = f"tags.`ray.experiment` = '{tags['ray.experiment']}'"
+        query += f" and tags.`dssn.cell` = '{tags['dssn.cell']}' and tags.role = 'trial'"
+        return self.client.search_runs(
+            [experiment_id], filter_string=query, max_results=1000, order_by=["attributes.start_time DESC"]
+        )
+
     def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if _finite(v)]
+        items = [
+            Metric(k, float(v), now, step)
+            for k, v in metrics.items()
+            if _finite(v) and (k, step) not in self.logged
+        ]
+        self.logged.update((m.key, step) for m in items)
         for i in range(0, len(items), MAX_BATCH):
             self.client.log_batch(self.run_id, metrics=items[i : i + MAX_BATCH])
 

@@ -297,7 +297,11 @@ def test_a_trial_killed_between_its_result_and_closing_its_run_is_closed_on_resu
     runs_dir = tmp_path / "runs"
     runs_dir.mkdir()
     (runs_dir / f"{spec.cell}.json").write_text(json.dumps({"cell": spec.cell, "mlflow_run_id": run_id}))
-    _trainable({"cell": spec.cell}, {spec.cell: spec.to_dict()}, {"uri": uri}, str(runs_dir), {"n": 1})
+    tracking = {"uri": uri, "experiment": "demo-x", "cell_keys": {spec.cell: "k"}}
+    (runs_dir / f"{spec.cell}.json").write_text(
+        json.dumps({"cell": spec.cell, "cell_key": "k", "mlflow_run_id": run_id})
+    )
+    _trainable({"cell": spec.cell}, {spec.cell: spec.to_dict()}, tracking, str(runs_dir), {"n": 1})
     assert client.get_run(run_id).info.status == "FINISHED"
 
 

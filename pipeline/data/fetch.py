@@ -20,7 +20,7 @@ import tarfile
 import tempfile
 import zipfile
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import requests
@@ -189,6 +189,7 @@ def _extract_into(archive: Path, root: Path) -> None:
             return
         with tarfile.open(archive) as t:
             _check_tar(t, root, archive)
+            _check_tar_end(t, archive)
             t.extractall(root, filter="data")  # second line of defence, checks links at extraction time
     except DataError:
         raise
@@ -197,27 +198,59 @@ def _extract_into(archive: Path, root: Path) -> None:
             f"{archive}: member would escape the extraction folder or links outside it ({e})"
         ) from e
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, OSError) as e:
-        raise DataError(f"{archive}: truncated or corrupt archive ({type(e).__name__}: {e})") from e
+        detail = " ".join(str(e).split())  # tarfile lists every method it tried, one per line
+        raise DataError(f"{archive}: truncated or corrupt archive ({type(e).__name__}: {detail})") from e
 
 
+
+
+def _check_tar_end(t: tarfile.TarFile, archive: Path) -> None:
+    """tarfile stops silently at a bad header after the first member: whatever follows the last
+    member read must be the end-of-archive zero blocks, and a compressed stream must end cleanly
+    (reading it to the end checks the gzip/bz2/xz checksum)."""
+    f = t.fileobj
+    f.seek(t.offset)
+    while chunk := f.read(1 << 20):
+        if chunk.strip(b"\0"):
+            raise DataError(
+                f"{archive}: corrupt archive: a bad member header after {len(t.members)} members "
+                "(re-download it)"
+            )
 
 
 def _stamp(archives: Sequence[Path]) -> list[list]:
     return [[a.name, a.stat().st_size, int(a.stat().st_mtime)] for a in archives]
 
 
-def _extract_all(archives: Sequence[Path], dest: Path) -> Path:
-    """Extract archives (merged) into dest atomically; skipped when dest was made from the same files."""
+def _extract_all(
+    archives: Sequence[Path], dest: Path, check: Callable[[Path], object] | None = None
+) -> Path:
+    """Extract archives (merged) into dest atomically; skipped when dest was made from the same files.
+
+    `check(folder)` verifies the new tree's layout before it replaces dest: a wrong or corrupt
+    archive never costs the earlier good extraction.
+    """
     dest = Path(dest)
     marker = dest / _MARKER
     with contextlib.suppress(OSError, ValueError):
         if json.loads(marker.read_text()) == _stamp(archives):
             return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
+    for left in dest.parent.glob(f".tmp-extract-{dest.name}-*"):  # of a killed earlier run
+        shutil.rmtree(left, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-extract-{dest.name}-", dir=dest.parent))
     try:
         for a in archives:
             _extract_into(Path(a), tmp)
+        if check is not None:
+            try:
+                check(tmp)
+            except DataError as e:
+                names = ", ".join(str(a) for a in archives)
+                raise DataError(
+                    f"{names}: not the expected archive ({str(e).replace(str(tmp), str(dest))}); "
+                    f"{dest} was left as it was"
+                ) from None
         (tmp / _MARKER).write_text(json.dumps(_stamp(archives)))
         replace_dir(tmp, dest)
     except BaseException:
@@ -306,8 +339,10 @@ def fetch_voc(
         tar = _verify_archive(archive, md5, "VOCtrainval_11-May-2012.tar", "datasets.voc.source.archive")
     else:
         tar = download(url, dest / "VOCtrainval_11-May-2012.tar", md5=md5)
-    out = _extract_all([tar], dest / "voc")
-    return voc_layout(_require(out / "VOCdevkit" / "VOC2012", f"VOCdevkit/VOC2012 inside {tar.name}"), counts)
+    def layout(d: Path) -> Path:
+        return voc_layout(_require(d / "VOCdevkit" / "VOC2012", f"VOCdevkit/VOC2012 inside {tar.name}"), counts)
+
+    return layout(_extract_all([tar], dest / "voc", layout))
 
 
 def sbd_layout(root: Path, counts: dict[str, int] | None = None) -> Path:
@@ -338,11 +373,13 @@ def fetch_sbd(
         tgz = _verify_archive(archive, md5, "SBD benchmark.tgz", "datasets.voc.source.sbd_archive")
     else:
         tgz = download(url, dest / "benchmark.tgz", md5=md5)
-    out = _extract_all([tgz], dest / "sbd")
-    return sbd_layout(
-        _require(out / "benchmark_RELEASE" / "dataset", f"benchmark_RELEASE/dataset inside {tgz.name}"),
-        counts,
-    )
+    def layout(d: Path) -> Path:
+        return sbd_layout(
+            _require(d / "benchmark_RELEASE" / "dataset", f"benchmark_RELEASE/dataset inside {tgz.name}"),
+            counts,
+        )
+
+    return layout(_extract_all([tgz], dest / "sbd", layout))
 
 
 # ----------------------------------------------------------------------------- Cityscapes
@@ -473,4 +510,7 @@ def fetch_cityscapes(
                 allow_redirects=False,  # an expired session is redirected to the login page, never saved
             )
         )
-    return cityscapes_layout(_extract_all(zips, dest / "cityscapes"), counts)
+    def layout(d: Path) -> Path:
+        return cityscapes_layout(d, counts)
+
+    return layout(_extract_all(zips, dest / "cityscapes", layout))

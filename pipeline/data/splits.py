@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import random
 import shutil
 import sys
@@ -342,6 +343,26 @@ def make_splits(
     return summary
 
 
+def _check_out(out: Path) -> None:
+    """--out is a folder (or can be one): a file there, or under a file, is refused, not replaced."""
+    probe = out
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        where = "is a file" if probe == out else f"is under the file {probe}"
+        raise DataError(f"--out {out} {where}: give a folder (nothing was written)")
+
+
+def _merge_into(tmp: Path, out: Path) -> None:
+    """Swap each new split folder (and val.txt) into `out`; whatever else `out` holds is kept."""
+    out.mkdir(parents=True, exist_ok=True)
+    for item in sorted(tmp.iterdir()):
+        if item.is_dir():
+            replace_dir(item, out / item.name)
+        else:
+            os.replace(item, out / item.name)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m pipeline.data.splits",
@@ -362,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         fine = read_list(args.fine) if args.fine else None
         val = read_list(args.val) if args.val else None
         _no_duplicates(list(args.splits), "--splits")
+        _check_out(args.out)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{args.out.name}-", dir=args.out.parent))
         try:
@@ -378,10 +400,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{split}: {len(lab)} labeled, {len(unl)} unlabeled")
             if val is not None:
                 write_list(tmp / "val.txt", val)
-            replace_dir(tmp, args.out)
-        except BaseException:
+            _merge_into(tmp, args.out)
+        finally:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    except OSError as e:  # an uncreatable or unwritable --out
+        print(f"error: --out {args.out}: {e.strerror or e}", file=sys.stderr)
+        return 2
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
