@@ -550,11 +550,11 @@ def run_cells(
     paths = study_paths(params, root)
     for spec in specs:  # fail before starting Ray when a split is missing
         split_info(Path(spec.split_dir), spec.split)
+    uri = resolve_tracking_uri(params.paths.mlflow_uri, paths.root)
+    check_before_work(params, uri, runs_dir, paths)  # unreachable or unwritable places: before any work
     n_workers = params.ray.workers_per_trial
     gpus = params.ray.gpus_per_trial
     preflight(specs, n_workers, None if gpus is None else gpus > 0)  # before Ray, MLflow, result files
-    uri = resolve_tracking_uri(params.paths.mlflow_uri, paths.root)
-    check_before_work(params, uri, runs_dir, paths)  # unreachable or unwritable places: before any work
     spec_dicts = {s.cell: s.to_dict() for s in specs}
     search_id = None if search is None else search["id"]
     exp_name = f"{name}-{_hash([spec_dicts, search_id, fingerprint(specs)])}"
