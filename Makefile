@@ -8,7 +8,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo repro test test-fast lint ui bench clean-results
+.PHONY: setup demo repro test test-fast lint ui bench gpu-check gpu-check-smoke clean-results
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -46,3 +46,11 @@ ui: setup
 
 bench: setup
 	$(PY) bench/step.py
+
+## The day a GPU is lent: one command, <= 8 min on one H100/H200, one JSON (bench/out/gpu_check.json)
+gpu-check: setup
+	$(PY) bench/gpu_check.py
+
+## The same harness on a CPU at tiny sizes (CI runs it: tests/test_gpu_check.py)
+gpu-check-smoke: setup
+	$(PY) bench/gpu_check.py --cpu-smoke

@@ -55,7 +55,8 @@ def bench_mode(mode: str, args, device: torch.device) -> dict:
             backbone="resnet18", deep_stem=False, aspp_channels=32, skip_channels=16, decoder_channels=32
         )
     train = dataclasses.replace(
-        TrainCfg(crop=args.crop, batch_l=args.batch, batch_u=args.batch), **MODES[mode]
+        TrainCfg(crop=args.crop, batch_l=args.batch, batch_u=args.batch, fast_path_on_cpu=args.cpu_fast),
+        **MODES[mode],
     )
     trainer = Trainer(model, train, MethodCfg(), args.classes, device)
     g = torch.Generator().manual_seed(0)
@@ -88,6 +89,7 @@ def bench_mode(mode: str, args, device: torch.device) -> dict:
         "peak_mem_gib": peak,
         "warmup_s": warmup_s,
         "compiled": trainer.compiled,
+        "autocast_bf16": trainer.autocast,  # as applied: the fast path is CUDA-only unless --cpu-fast
         "flops_per_step": flops,
     }
 
@@ -147,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     p.add_argument("--quick", action="store_true", help="tiny CPU configuration (harness check)")
+    p.add_argument(
+        "--cpu-fast", action="store_true", help="apply the fast path on a CPU too (train.fast_path_on_cpu)"
+    )
     p.add_argument("--out", default="bench/out/step.json")
     args = p.parse_args(argv)
     if args.quick:

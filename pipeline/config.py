@@ -160,12 +160,15 @@ class TrainCfg:
     threads: int = 1  # torch intra-op threads per trial on CPU
     workers: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # The fast path, used on CUDA only (CPU runs ignore these): bf16 autocast, channels-last memory
-    # format, torch.compile (falls back to eager if compilation fails). Fused SGD/AdamW and foreach
-    # EMA are always on.
+    # The fast path, used on CUDA only unless `fast_path_on_cpu` (CPU runs ignore these): bf16
+    # autocast, channels-last memory format, torch.compile of the student and teacher forwards
+    # (falls back to eager if compilation fails). Fused SGD/AdamW and foreach EMA are always on.
     amp: bool = True
     channels_last: bool = True
     compile: bool = True
+    # Apply the three switches above on a CPU too (bf16 autocast on CPU, inductor's C++ backend):
+    # so the GPU path's compile, graph breaks and bf16 numerics are tested where no GPU is.
+    fast_path_on_cpu: bool = False
     log_images: int = 4  # prediction/ground-truth panels logged per trial
     log_checkpoints: bool = False  # also upload best/last student weights as MLflow artifacts
     progress_every: int = 50  # a progress line from the trial every N steps (and the first); 0 = off

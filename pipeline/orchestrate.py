@@ -406,11 +406,12 @@ HISTORY_KEYS = (
 
 def applied_config(spec: TrialSpec, device: torch.device | None = None) -> dict[str, Any]:
     """The trial's resolved config with the fast-path switches as they take effect: bf16 autocast,
-    channels-last and compile are CUDA-only, so a CPU trial runs (and reports) them off."""
-    from pipeline.train import pick_device
+    channels-last and compile are CUDA-only (unless `train.fast_path_on_cpu`), so a CPU trial runs
+    (and reports) them off."""
+    from pipeline.train import fast_path_applies, pick_device
 
     d = spec.to_dict()
-    if (device or pick_device(spec.train)).type != "cuda":
+    if not fast_path_applies(spec.train, device or pick_device(spec.train)):
         d["train"].update(amp=False, channels_last=False, compile=False)
     return d
 

@@ -66,6 +66,12 @@ def pick_device(cfg: TrainCfg) -> torch.device:
     return torch.device("cpu")
 
 
+def fast_path_applies(cfg: TrainCfg, device: torch.device) -> bool:
+    """Whether `amp`/`channels_last`/`compile` take effect: always on CUDA, on a CPU only when forced
+    (`fast_path_on_cpu`), because on a CPU they are slower and exist there to be tested."""
+    return device.type == "cuda" or cfg.fast_path_on_cpu
+
+
 @dataclass(frozen=True)
 class Dist:
     """This process's place in a DDP group (Ray Train sets the process group up)."""
@@ -167,8 +173,14 @@ class Trainer:
     """Student, EMA teacher, optimizer and one optimisation step — shared by `fit` and bench/step.py.
 
     The fast path (bf16 autocast, channels-last, torch.compile, foreach/fused optimizer and EMA)
-    is on by default on CUDA and each part has its own switch in `TrainCfg`; a compile failure
-    falls back to eager on the first step.
+    is on by default on CUDA (on a CPU with `fast_path_on_cpu`) and each part has its own switch in
+    `TrainCfg`; a compile failure falls back to eager on the first step.
+
+    Compiled region: the student and the teacher modules, each its own `torch.compile` (README
+    "Performance", tests/test_fastpath_compiled.py): the convolutions are where the time goes;
+    the selection and the losses stay eager, because the step's host-side random draws (CutMix
+    boxes, strong views) would break a whole-step graph and the stateful thresholds would
+    recompile it, for pointwise work that is a small part of the step.
     """
 
     def __init__(
@@ -182,6 +194,7 @@ class Trainer:
     ):
         self.cfg, self.mcfg, self.device = cfg, mcfg, device
         cuda = device.type == "cuda"
+        fast_path = fast_path_applies(cfg, device)
         student = build_model(model_cfg, num_classes)
         if ddp and cuda:  # one BN statistic over the whole global batch, like the reference's SyncBN
             student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
@@ -197,7 +210,7 @@ class Trainer:
             if mcfg.use_unlabeled and mcfg.pl_align
             else None
         )
-        if cuda and cfg.channels_last:
+        if fast_path and cfg.channels_last:
             self.student = self.student.to(memory_format=torch.channels_last)
             if self.teacher is not None:
                 self.teacher = self.teacher.to(memory_format=torch.channels_last)
@@ -210,21 +223,29 @@ class Trainer:
         else:
             self.opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **fast)
         self.sup_loss = supervised_loss(cfg)
-        self.autocast = cuda and cfg.amp
+        self.autocast = fast_path and cfg.amp
         self.step_model: torch.nn.Module = self.student
+        self.step_teacher: torch.nn.Module | None = self.teacher
         if ddp:  # gradients all-reduced across the trial's workers
             self.step_model = torch.nn.parallel.DistributedDataParallel(
                 self.student, device_ids=[device.index] if cuda else None, broadcast_buffers=False
             )
         self.compiled = False
-        if cfg.compile and cuda:
+        if cfg.compile and fast_path:
             self.step_model, self.compiled = torch.compile(self.step_model), True
+            if self.teacher is not None:
+                self.step_teacher = torch.compile(self.teacher)
+
+    def _eager(self) -> None:
+        """Back to the uncompiled modules (after a compile failure)."""
+        self.step_model = getattr(self.step_model, "_orig_mod", self.student)
+        self.step_teacher, self.compiled = self.teacher, False
 
     def _forward(self, b: Batch, gen: torch.Generator, strong_off: bool):
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             return dssn_step(
                 self.step_model,
-                self.teacher,
+                self.step_teacher,
                 b,
                 self.mcfg,
                 self.sup_loss,
@@ -256,7 +277,7 @@ class Trainer:
             if not self.compiled:
                 raise
             print(f"torch.compile failed ({type(e).__name__}: {e}); falling back to eager")
-            self.step_model, self.compiled = getattr(self.step_model, "_orig_mod", self.student), False
+            self._eager()
             loss, stats = self._forward(b, gen, strong_off)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()

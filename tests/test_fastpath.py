@@ -9,8 +9,9 @@ import sys
 import pytest
 import torch
 
-from pipeline.config import MethodCfg, ModelCfg, TrainCfg
-from pipeline.train import Trainer
+from pipeline.config import ConfigError, DatasetCfg, MethodCfg, ModelCfg, TrainCfg, build
+from pipeline.orchestrate import applied_config
+from pipeline.train import Trainer, TrialSpec
 from tests.conftest import REPO
 from tests.test_step import MODEL, batch
 
@@ -29,10 +30,11 @@ class _Broken(torch.nn.Module):
 def test_compile_failure_falls_back_to_eager_and_trains(capsys):
     torch.manual_seed(0)
     tr = Trainer(MODEL, TrainCfg(crop=32, lr=0.01), MethodCfg(), 4, torch.device("cpu"))
-    tr.step_model, tr.compiled = _Broken(tr.student), True
+    tr.step_model, tr.step_teacher, tr.compiled = _Broken(tr.student), _Broken(tr.teacher), True
     before = [p.detach().clone() for p in tr.student.parameters()]
     loss, _ = tr.step(batch(), torch.Generator().manual_seed(0), 1, 10)
     assert torch.isfinite(loss) and not tr.compiled and tr.step_model is tr.student
+    assert tr.step_teacher is tr.teacher  # both compiled regions fall back
     assert any(not torch.equal(a, b) for a, b in zip(before, tr.student.parameters(), strict=True))
     assert "falling back to eager" in capsys.readouterr().out
 
@@ -56,6 +58,53 @@ def test_cpu_ignores_gpu_only_switches_and_uses_foreach():
     assert tr.opt.defaults.get("foreach") is True
     w = tr.student.backbone.conv1.weight
     assert w.is_contiguous()  # not channels-last on CPU
+
+
+def test_fast_path_on_cpu_is_a_validated_switch():
+    assert build(TrainCfg, {"fast_path_on_cpu": True}, "train").fast_path_on_cpu is True
+    assert TrainCfg().fast_path_on_cpu is False  # a CPU run stays fp32 eager unless asked
+    with pytest.raises(ConfigError, match="train.fast_path_on_cpu` must be true or false"):
+        build(TrainCfg, {"fast_path_on_cpu": "yes"}, "train")
+
+
+def test_fast_path_on_cpu_applies_every_switch_without_compiling_yet():
+    cfg = TrainCfg(crop=32, fast_path_on_cpu=True)
+    tr = Trainer(MODEL, cfg, MethodCfg(), 4, torch.device("cpu"))
+    assert tr.autocast and tr.compiled
+    # compiled region: student and teacher, each its own torch.compile of the eager module
+    assert tr.step_model._orig_mod is tr.student and tr.step_teacher._orig_mod is tr.teacher
+    for m in (tr.student, tr.teacher):
+        assert m.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    eager = Trainer(
+        MODEL, TrainCfg(crop=32, fast_path_on_cpu=True, compile=False), MethodCfg(), 4, torch.device("cpu")
+    )
+    assert eager.autocast and not eager.compiled and eager.step_teacher is eager.teacher
+
+
+def _spec(train: TrainCfg) -> TrialSpec:
+    return TrialSpec(
+        study="s",
+        cell="c",
+        dataset_name="d",
+        dataset=DatasetCfg(kind="voc", num_classes=4),
+        class_names=["a", "b", "c", "d"],
+        root="/nonexistent",
+        split_dir="/nonexistent",
+        split="1_4",
+        protocol="blended",
+        variant="dssn",
+        seed=0,
+        model=MODEL,
+        train=train,
+        method=MethodCfg(),
+    )
+
+
+def test_applied_config_reports_the_forced_cpu_fast_path():
+    on = applied_config(_spec(TrainCfg(fast_path_on_cpu=True)), torch.device("cpu"))["train"]
+    off = applied_config(_spec(TrainCfg()), torch.device("cpu"))["train"]
+    assert (on["amp"], on["channels_last"], on["compile"]) == (True, True, True)
+    assert (off["amp"], off["channels_last"], off["compile"]) == (False, False, False)
 
 
 def test_adamw_option():

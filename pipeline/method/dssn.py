@@ -46,6 +46,15 @@ def select(
     return fixed_threshold_mask(prob, threshold=cfg.threshold, ignore=ignore)
 
 
+def pl_prob(logits: Tensor, align: DistributionAlignment | None = None) -> Tensor:
+    """Pseudo-label probabilities: softmax in fp32 whatever autocast gives, then aligned.
+
+    CUDA autocast runs softmax in fp32 but CPU autocast keeps bf16, and CPLG's `p > 0.96 * max`
+    on 8-bit-mantissa maps keeps other pixels: selection must not depend on the device's autocast."""
+    p = logits.float().softmax(1)
+    return align.apply(p) if align is not None else p
+
+
 def dssn_step(
     student: nn.Module,
     teacher: nn.Module | None,
@@ -101,14 +110,13 @@ def dssn_step(
             logit_w = pred_w.detach()
         # Beyond the paper, stateful, each updated from this batch first: distribution alignment of
         # the maps, then adaptive per-class thresholds on the aligned maps.
-        aligned = align.apply if align is not None else (lambda p: p)
-        prob = lambda z: aligned(z.softmax(1))  # noqa: E731
+        prob = lambda z: pl_prob(z, align)  # noqa: E731
         if align is not None or adaptive is not None:
-            p_um, valid_um = torch.cat([logit_w, logit_m]).softmax(1), ~torch.cat([b.u_ign, b.m_ign])
+            p_um, valid_um = pl_prob(torch.cat([logit_w, logit_m])), ~torch.cat([b.u_ign, b.m_ign])
             if align is not None:
                 align.update(p_um, valid_um, b.y)
             if adaptive is not None:
-                adaptive.update(aligned(p_um), valid_um)
+                adaptive.update(align.apply(p_um) if align is not None else p_um, valid_um)
         ign1, ign2 = paste(b.u_ign, b.m_ign, box1), paste(b.u_ign, b.m_ign, box2)
         t1, keep1 = select(prob(paste(logit_w, logit_m, box1)), ign1, cfg, adaptive)
         t2, keep2 = select(prob(paste(logit_w, logit_m, box2)), ign2, cfg, adaptive)

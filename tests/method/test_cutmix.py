@@ -2,7 +2,6 @@
 
 import math
 
-import pytest
 import torch
 
 from pipeline.method.cutmix import _one_box, paste, sample_boxes
@@ -75,9 +74,11 @@ def test_paste_broadcasts_the_box_over_channels():
     assert logits.sum().item() == 4.0 and logits[0, :, 0, 1].tolist() == [1.0, 1.0]
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_boxes_on_cuda_equal_cpu_boxes():
+def test_boxes_and_paste_on_second_device_equal_cpu(second):
     cpu = sample_boxes(6, S, p=0.5, generator=torch.Generator().manual_seed(4))
-    gpu = sample_boxes(6, S, p=0.5, generator=torch.Generator().manual_seed(4), device="cuda")
-    assert gpu.is_cuda and torch.equal(gpu.cpu(), cpu)
+    gpu = sample_boxes(6, S, p=0.5, generator=torch.Generator().manual_seed(4), device=second.device)
+    assert gpu.device.type == second.device.type and torch.equal(gpu.cpu(), cpu)
+    a, b = torch.randn(6, 3, S, S), torch.randn(6, 3, S, S)
+    with second.autocast():  # channels-last bf16-autocast logits composited as on the fast path
+        mixed = paste(second.to(a), second.to(b), gpu)
+    assert torch.equal(mixed.cpu(), paste(a, b, cpu))

@@ -83,10 +83,8 @@ def test_ema_matches_keys_through_a_wrapper_and_rejects_a_mismatch():
         ema_update(teacher, nn.Sequential(nn.Conv2d(1, 1, 1)), keep=0.5)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_ema_on_cuda():
-    student, teacher = _net().cuda(), make_teacher(_net()).cuda()
+def test_ema_on_second_device(second):
+    student, teacher = second.module(_net()), second.module(make_teacher(_net()))
     _set(teacher, w=1.0, b=-2.0, rm=0.0, rv=1.0, nbt=2)
     _set(student, w=3.0, b=2.0, rm=4.0, rv=3.0, nbt=5)
     ema_update(teacher, student, keep=0.5)
