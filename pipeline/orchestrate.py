@@ -370,7 +370,7 @@ def _run_cell(
             "backbone": spec.model.backbone,
             "method.r": spec.method.r,
             "method.tau_low": spec.method.tau_low,
-            "checkpoint_best": str(best_file),
+            "checkpoint_best": _under(best_file, tracking.get("root")),  # git-tracked: no machine path
             **{k: v for k, v in summary.items() if not k.startswith("final/iou_")},
             # the report is built from these (DVC-tracked), MLflow being the browsing mirror
             "tags": tags,
@@ -452,6 +452,13 @@ def trial_name(trial: Any) -> str:
 
 def trial_dirname(trial: Any) -> str:
     return f"{trial_name(trial)}_{trial.trial_id}"
+
+
+def _under(path: Path, root: str | None) -> str:
+    """`path` relative to the repository when it lies inside it (result files are git-tracked)."""
+    if root is not None and Path(path).is_relative_to(root):
+        return str(Path(path).relative_to(root))
+    return str(path)
 
 
 def _save(obj: Any, path: Path) -> None:
