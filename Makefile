@@ -26,7 +26,7 @@ demo: setup
 	@echo
 	@echo "Result table : results/tables/demo.md (CSV beside it), plot: results/plots/demo_miou_vs_labels.png"
 	@echo "Metrics      : dvc metrics show"
-	@echo "MLflow UI    : make ui   (= mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db), then open http://127.0.0.1:5000"
+	@echo "MLflow UI    : make ui   (= mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db), then open http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
 
 repro: setup
 	dvc repro
