@@ -160,6 +160,39 @@ class _Accum:
         return {k: float(v) / max(self.n, 1) for k, v in self.sums.items()}
 
 
+class _PseudoLabels:
+    """One pseudo-label source over an epoch: per class, the valid pixels labelled with it and those
+    kept, and how many kept ones match the ground truth (device tensors: no host sync per step)."""
+
+    def __init__(self, k: int, device: torch.device) -> None:
+        self.k = k
+        self.pred = torch.zeros(k, device=device)
+        self.kept = torch.zeros(k, device=device)
+        self.correct = torch.zeros((), device=device)
+
+    def add(
+        self, labels: torch.Tensor, keep: torch.Tensor, valid: torch.Tensor, gt: torch.Tensor | None
+    ) -> None:
+        pred, kept = class_counts(labels, keep, valid, self.k)
+        self.pred += pred
+        self.kept += kept
+        if gt is not None:
+            self.correct += (keep & (labels == gt)).sum()
+
+    def metrics(self, class_names: list[str], suffix: str, mask_ratio: bool = False) -> dict[str, float]:
+        """`train/pl_accuracy<suffix>`, `pseudo_kept<suffix>/<class>` (NaN where nothing was predicted or
+        kept) and, with `mask_ratio`, `train/mask_ratio<suffix>` over the epoch."""
+        nan = float("nan")
+        kept, pred = self.kept.sum().item(), self.pred.sum().item()
+        out = {f"train/pl_accuracy{suffix}": self.correct.item() / kept if kept else nan}
+        if mask_ratio:
+            out[f"train/mask_ratio{suffix}"] = kept / pred if pred else nan
+        for c, name in enumerate(class_names):
+            p = self.pred[c].item()
+            out[f"pseudo_kept{suffix}/{name}"] = self.kept[c].item() / p if p else nan
+        return out
+
+
 def supervised_loss(cfg: TrainCfg) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The labeled loss of `cfg`: plain CE, or OHEM per `ohem_chunk` images of this device's batch."""
     if cfg.sup_loss == "ohem":
@@ -333,6 +366,11 @@ def check_plan(spec: TrialSpec, world: int = 1, sync_bn: bool | None = False) ->
             f"{where} train.batch_l/batch_u ({cfg.batch_l}/{cfg.batch_u}) must be divisible by the "
             f"{workers} of a trial (ray.workers_per_trial)"
         )
+    if cfg.sup_loss == "ohem" and cfg.ohem_chunk and (cfg.batch_l // world) % cfg.ohem_chunk:
+        raise PlanError(
+            f"{where} train.ohem_chunk ({cfg.ohem_chunk}) must divide each worker's labeled batch "
+            f"({cfg.batch_l} / {workers} = {cfg.batch_l // world})"
+        )
     split = Path(spec.split_dir) / spec.split
     sizes = {}
     for name in ("labeled.txt", "unlabeled.txt"):
@@ -417,19 +455,9 @@ def fit(
     t0 = time.time()
     cfg, mcfg = spec.train, spec.method
     device = device or pick_device(cfg)
-    if cfg.batch_l % dist.world or cfg.batch_u % dist.world:
-        raise ValueError(
-            f"train.batch_l/batch_u ({cfg.batch_l}/{cfg.batch_u}) must be divisible by the "
-            f"{dist.world} workers of a trial"
-        )
-    batch_l, batch_u = cfg.batch_l // dist.world, cfg.batch_u // dist.world
-    if cfg.sup_loss == "ohem" and cfg.ohem_chunk and batch_l % cfg.ohem_chunk:
-        raise ValueError(
-            f"train.ohem_chunk ({cfg.ohem_chunk}) must divide each worker's labeled batch "
-            f"({cfg.batch_l} / {dist.world} workers = {batch_l})"
-        )
     # the driver ran the same check before Ray started; here the device is known for certain
     check_plan(spec, dist.world, sync_bn=dist.world > 1 and device.type == "cuda")
+    batch_l, batch_u = cfg.batch_l // dist.world, cfg.batch_u // dist.world
     if device.type == "cpu":
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(spec.seed)
@@ -497,13 +525,8 @@ def fit(
             # reference quirk: train-mode BN in the first (semi-supervised) epoch, eval mode afterwards
             teacher.train(epoch == mcfg.warmup_epochs)
         acc = _Accum()
-        pl_kept = torch.zeros(k, device=device)
-        pl_pred = torch.zeros(k, device=device)
-        pl_correct = torch.zeros((), device=device)
-        # the teacher's image-level pseudo-labels (what loss_s trains on), beside the student's weak view
-        plt_kept = torch.zeros(k, device=device)
-        plt_pred = torch.zeros(k, device=device)
-        plt_correct = torch.zeros((), device=device)
+        # the student's weak view (feature level) and the teacher's image-level maps (what loss_s uses)
+        pl_student, pl_teacher = _PseudoLabels(k, device), _PseudoLabels(k, device)
         t_mark, step_mark = time.time(), state["iteration"]
         for i in range(iters):
             bl = _to(next(it_l), device)
@@ -524,18 +547,11 @@ def fit(
             state["iteration"] += 1
             labels, keep = stats.pop("pl_labels", None), stats.pop("pl_keep", None)
             if labels is not None and bu is not None:
-                pred, kept = class_counts(labels, keep, ~bu["ignore"], k)
-                pl_pred += pred
-                pl_kept += kept
-                pl_correct += (keep & (labels == bu["gt"])).sum()
+                pl_student.add(labels, keep, ~bu["ignore"], bu["gt"])
             t_labels, t_keep = stats.pop("plt_labels", None), stats.pop("plt_keep", None)
             t_valid, t_gt = stats.pop("plt_valid", None), stats.pop("plt_gt", None)
             if t_labels is not None:
-                pred, kept = class_counts(t_labels, t_keep, t_valid, k)
-                plt_pred += pred
-                plt_kept += kept
-                if t_gt is not None:
-                    plt_correct += (t_keep & (t_labels == t_gt)).sum()
+                pl_teacher.add(t_labels, t_keep, t_valid, t_gt)
             acc.add({"loss": loss.detach(), **stats})
             done = state["iteration"]
             if i == 0 or i + 1 == iters or (cfg.progress_every and done % cfg.progress_every == 0):
@@ -552,19 +568,8 @@ def fit(
         epoch_metrics = {f"train/{k_}": v for k_, v in acc.means().items()}
         epoch_metrics["train/lr"] = opt.param_groups[0]["lr"]
         if mcfg.use_unlabeled:
-            kept = pl_kept.sum().item()
-            epoch_metrics["train/pl_accuracy"] = pl_correct.item() / kept if kept else float("nan")
-            for c, name in enumerate(spec.class_names):
-                p = pl_pred[c].item()
-                epoch_metrics[f"pseudo_kept/{name}"] = pl_kept[c].item() / p if p else float("nan")
-            kept_t, valid_t = plt_kept.sum().item(), plt_pred.sum().item()
-            epoch_metrics["train/pl_accuracy_teacher"] = (
-                plt_correct.item() / kept_t if kept_t else float("nan")
-            )
-            epoch_metrics["train/mask_ratio_teacher"] = kept_t / valid_t if valid_t else float("nan")
-            for c, name in enumerate(spec.class_names):
-                p = plt_pred[c].item()
-                epoch_metrics[f"pseudo_kept_teacher/{name}"] = plt_kept[c].item() / p if p else float("nan")
+            epoch_metrics.update(pl_student.metrics(spec.class_names, ""))
+            epoch_metrics.update(pl_teacher.metrics(spec.class_names, "_teacher", mask_ratio=True))
         if tr.adaptive is not None:
             for name, t in zip(spec.class_names, tr.adaptive.value().tolist(), strict=True):
                 epoch_metrics[f"pl_threshold/{name}"] = t
