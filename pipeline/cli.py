@@ -209,7 +209,6 @@ def cmd_report(params: Params, root: Path) -> None:
 
     from pipeline import report
     from pipeline.io import replace_dir
-    from pipeline.preflight import check_tracking_uri
     from pipeline.tracking import resolve_tracking_uri
 
     results = root / params.paths.results
@@ -224,22 +223,8 @@ def cmd_report(params: Params, root: Path) -> None:
             continue
         try:
             df, hist = report.load_results(files)
-        except report.ReportError as e:
-            if "older version" not in str(e):
-                raise
-            uri = resolve_tracking_uri(params.paths.mlflow_uri, root)
-            run_ids = {_run_id(f) for f in files}
-            try:
-                check_tracking_uri(uri)
-                df = report.load_runs(uri, [f"dssn/{study}"], run_ids=run_ids)
-                hist = report.load_histories(uri, sorted(df["run_id"]))
-            except report.ReportError:
-                raise
-            except Exception as err:  # noqa: BLE001 - an unreachable or broken store: one line
-                raise report.ReportError(
-                    f"{e}; reading those runs from MLflow at {uri} failed: {type(err).__name__}: "
-                    f"{str(err).splitlines()[0] if str(err) else ''}"
-                ) from err
+        except report.OlderResultError as e:
+            df, hist = _runs_from_mlflow(resolve_tracking_uri(params.paths.mlflow_uri, root), study, files, e)
         written = report.write_report(df, results, study, paper_table=scfg.paper_table, histories=hist)
         if scfg.publish:
             md = (results / "tables" / f"{study}.md").read_text(encoding="utf-8")
@@ -265,6 +250,26 @@ def _run_id(result_file: Path) -> str:
         raise ReportError(
             f"{result_file}: not a result file ({type(e).__name__}); re-run `dvc repro train@<study>`"
         ) from None
+
+
+def _runs_from_mlflow(uri: str, study: str, files: list[Path], why: Exception):
+    """The runs frame and curves of result files too old to carry them, read back from MLflow; a
+    store that cannot answer is one line naming it."""
+    from pipeline import report
+    from pipeline.preflight import check_tracking_uri
+
+    run_ids = {_run_id(f) for f in files}
+    try:
+        check_tracking_uri(uri)
+        df = report.load_runs(uri, [f"dssn/{study}"], run_ids=run_ids)
+        return df, report.load_histories(uri, sorted(df["run_id"]))
+    except report.ReportError:
+        raise
+    except Exception as err:  # noqa: BLE001 - an unreachable or broken store: one line
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise report.ReportError(
+            f"{why}; reading those runs from MLflow at {uri} failed: {type(err).__name__}: {first}"
+        ) from err
 
 
 def _preflight_report(results: Path) -> None:

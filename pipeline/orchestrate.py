@@ -274,7 +274,7 @@ def _run_cell(
     device: torch.device | None = None,
 ) -> None:
     """Fit one cell; rank 0 mirrors every epoch to MLflow and the cell's checkpoint, every rank reports."""
-    from pipeline.tracking import TrialRun, clean_params, confusion_png, source_tags
+    from pipeline.tracking import TrialRun, clean_params, confusion_png, repo_relative, source_tags
     from pipeline.train import Dist
 
     dist = dist or Dist()
@@ -370,7 +370,7 @@ def _run_cell(
             "backbone": spec.model.backbone,
             "method.r": spec.method.r,
             "method.tau_low": spec.method.tau_low,
-            "checkpoint_best": _under(best_file, tracking.get("root")),  # git-tracked: no machine path
+            "checkpoint_best": repo_relative(str(best_file), tracking.get("root")),
             **{k: v for k, v in summary.items() if not k.startswith("final/iou_")},
             # the report is built from these (DVC-tracked), MLflow being the browsing mirror
             "tags": tags,
@@ -452,13 +452,6 @@ def trial_name(trial: Any) -> str:
 
 def trial_dirname(trial: Any) -> str:
     return f"{trial_name(trial)}_{trial.trial_id}"
-
-
-def _under(path: Path, root: str | None) -> str:
-    """`path` relative to the repository when it lies inside it (result files are git-tracked)."""
-    if root is not None and Path(path).is_relative_to(root):
-        return str(Path(path).relative_to(root))
-    return str(path)
 
 
 def _save(obj: Any, path: Path) -> None:

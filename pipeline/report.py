@@ -64,6 +64,11 @@ class ReportError(RuntimeError):
     """Runs that cannot make a table (missing experiment, mixed protocols, nothing finished)."""
 
 
+class OlderResultError(ReportError):
+    """A result file written before result files carried tags, metrics and history: its runs can only
+    be read back from the MLflow store."""
+
+
 # --------------------------------------------------------------------------- loading
 
 
@@ -147,7 +152,9 @@ def load_results(files: Sequence[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
         except (OSError, ValueError) as e:
             raise ReportError(f"{f}: unreadable result file ({e})") from e
         if not {"tags", "metrics", "history"} <= set(r):
-            raise ReportError(f"{f}: result file without tags/metrics/history (written by an older version)")
+            raise OlderResultError(
+                f"{f}: result file without tags/metrics/history (written by an older version)"
+            )
         key = r.get("mlflow_run_id") or r["cell"]
         row: dict[str, Any] = {"run_id": key, "status": "FINISHED"}
         row.update({col: r["tags"].get(tag) for tag, col in TAGS.items()})

@@ -82,18 +82,20 @@ def ensure_experiment(uri: str, name: str, artifact_root: Path | None) -> str:
     return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
 
 
-def clean_params(params: dict[str, Any], root: Path | None = None) -> dict[str, str]:
-    """Params as the UI should show them: no `None` placeholders, paths under `root` made relative
-    (a machine's absolute paths are not a setting of the run)."""
-    out = {}
+def repo_relative(value: str, root: Path | str | None) -> str:
+    """`value` relative to `root` when it is a path inside it (a machine's absolute paths are not a
+    setting of a run, and result files are git-tracked)."""
     prefix = f"{Path(root).resolve()}/" if root is not None else None
-    for k, v in params.items():
-        if v is None:
-            continue
-        if prefix and isinstance(v, str) and v.startswith(prefix):
-            v = v.removeprefix(prefix)
-        out[k] = str(v)[:6000]
-    return out
+    return value.removeprefix(prefix) if prefix and value.startswith(prefix) else value
+
+
+def clean_params(params: dict[str, Any], root: Path | None = None) -> dict[str, str]:
+    """Params as the UI should show them: no `None` placeholders, paths under `root` made relative."""
+    return {
+        k: (repo_relative(v, root) if isinstance(v, str) else str(v))[:6000]
+        for k, v in params.items()
+        if v is not None
+    }
 
 
 def log_parent(uri: str, run_id: str, params: dict[str, str], metrics: dict[str, float]) -> None:
