@@ -1,8 +1,10 @@
 """Ray Tune: one experiment per study, one trial per cell (split x backbone x variant x seed).
 
-The driver is idempotent: the Ray experiment lives in `ray_results/<study>-<hash>` (outside
-DVC's outputs) and is restored when it exists, so finished trials are skipped and
-unfinished ones resume from their last epoch checkpoint and continue their MLflow run.
+The experiment lives in Tune's storage (`paths.ray_results`: a folder, or a URI such as s3://...
+that every node reaches; pipeline.storage), outside DVC's outputs. Trials share no file with the
+driver: they checkpoint through `tune.report(checkpoint=...)`, resume from `tune.get_checkpoint()`
+(or an earlier attempt's checkpoint), and their last checkpoint carries the result that the
+driver writes to `results/runs/<study>/<cell>.json` (pipeline.studystate decides what is done).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import dataclasses
 import hashlib
 import json
 import os
+import posixpath
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +24,8 @@ import torch
 
 from pipeline.config import ConfigError, ModelCfg, Params, flatten, merge, method_for_variant
 from pipeline.data.classes import class_names
-from pipeline.io import atomic, write_json
+from pipeline.io import write_json
+from pipeline.storage import Store, is_uri
 from pipeline.train import PlanError, TrialSpec, check_plan, fit
 
 ROLE_KEYS = ("dssn.study", "dssn.cell", "ray.trial_id")
@@ -35,7 +40,7 @@ class StudyPaths:
     root: Path
     data: Path
     results: Path
-    ray_results: Path
+    ray_results: str  # an absolute local path or a URI (pipeline.storage)
     artifacts: Path
 
 
@@ -46,7 +51,7 @@ def study_paths(params: Params, root: Path) -> StudyPaths:
         r,
         (r / p.data).resolve(),
         (r / p.results).resolve(),
-        (r / p.ray_results).resolve(),
+        p.ray_results if is_uri(p.ray_results) else str((r / p.ray_results).resolve()),
         (r / p.mlflow_artifacts).resolve(),
     )
 
@@ -102,22 +107,38 @@ def _local_weights(model: ModelCfg, root: Path) -> ModelCfg:
 
 
 def connect_ray(num_cpus: int | None) -> dict[str, float]:
-    """Join RAY_ADDRESS when set, else start a private local cluster; returns its resources."""
+    """Join RAY_ADDRESS when set, else start a private local cluster; returns its resources.
+
+    A private cluster listens on 127.0.0.1 only. `ray.init` resolves a node address of 127.0.0.1
+    to the host's outward address (and Ray binds its servers to the node address), unless Ray is
+    told this host runs no cluster, which is what `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` means; its
+    token authentication stays on (Ray's default).
+    """
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):
             ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
         else:
+            loopback_only()
             ray.init(
                 address="local",
                 num_cpus=num_cpus,
                 include_dashboard=False,
                 object_store_memory=256 * 1024**2,
                 log_to_driver=True,
+                _node_ip_address="127.0.0.1",
             )
     return ray.cluster_resources()
+
+
+def loopback_only() -> None:
+    """Make Ray's node address resolve to 127.0.0.1 in this process and the ones it starts."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants  # read at import; set it too when ray came in earlier
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def trial_resources(
@@ -186,13 +207,13 @@ def _hash(obj: Any) -> str:
 
 
 def _trainable(
-    config: dict, specs: dict[str, dict], tracking: dict[str, Any], runs_dir: str, workers: dict[str, Any]
+    config: dict, specs: dict[str, dict], tracking: dict[str, Any], workers: dict[str, Any]
 ) -> None:
     """One Tune trial = one cell; with `workers["n"]` > 1 it drives a DDP TorchTrainer of that many workers.
 
-    Idempotent on its own, whatever Tune remembers: a cell whose result file exists returns at
-    once; an unfinished cell resumes from `<experiment>/cells/<cell>/state.pt` and continues
-    the MLflow run found by (experiment, cell), so a killed driver never duplicates work or runs.
+    The trial touches no file of the driver: it resumes from `tune.get_checkpoint()` (a retry on
+    another node) or from the last checkpoint of an earlier attempt (a killed driver), uploads its
+    weights to the storage, and hands its result to the driver in its last report.
     """
     from ray import tune
 
@@ -204,41 +225,28 @@ def _trainable(
             cell=f"{spec.cell}-r{r:.4f}-t{tau:.4f}",
             method=merge(spec.method, {"r": r, "tau_low": tau}, "sweep"),
         )
-    result_file = Path(runs_dir) / f"{spec.cell}.json"
-    from pipeline.studystate import current_result
-
-    done = current_result(
-        result_file, tracking.get("cell_keys", {}).get(spec.cell), tracking.get("experiment")
-    )
-    if done is not None:
-        from pipeline.tracking import close_if_running
-
-        close_if_running(tracking["uri"], done["mlflow_run_id"])
-        return
     trial_id = tune.get_context().get_trial_id()
     if workers["n"] <= 1:
-        _run_cell(spec, trial_id, tracking, runs_dir, tune.report)
+        _run_cell(spec, trial_id, tracking, tune.report, tune.get_checkpoint)
         return
 
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    exp = Store.at(tracking["storage"]) / tracking["experiment"]
     per_worker = {"CPU": workers["cpu"], **({"GPU": workers["gpu"]} if workers["gpu"] else {})}
     TorchTrainer(
         _ddp_worker,
-        train_loop_config={
-            "spec": spec.to_dict(),
-            "trial_id": trial_id,
-            "tracking": tracking,
-            "runs_dir": runs_dir,
-        },
+        train_loop_config={"spec": spec.to_dict(), "trial_id": trial_id, "tracking": tracking},
         scaling_config=ScalingConfig(
             num_workers=workers["n"], use_gpu=bool(workers["gpu"]), resources_per_worker=per_worker
         ),
         run_config=RunConfig(
-            name=f"{tracking['experiment']}-{spec.cell}",
-            storage_path=tracking["exp_dir"],
+            name=f"{tracking['experiment']}-{spec.cell}",  # stable: a new attempt resumes it
+            storage_path=(exp / "ddp").path,
+            storage_filesystem=exp.fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
             callbacks=[TuneReportCallback()],
         ),
     ).fit()
@@ -257,31 +265,103 @@ def _ddp_worker(config: dict) -> None:
         TrialSpec.from_dict(config["spec"]),
         config["trial_id"],
         config["tracking"],
-        config["runs_dir"],
         ray.train.report,
+        ray.train.get_checkpoint,
         dist=dist,
         device=ray.train.torch.get_device(),
     )
+
+
+RESULT_FILE = "dssn_result.json"  # in a trial's last checkpoint: its result file's content
+
+
+def _node_id() -> str:
+    """The Ray node this process runs on ("" outside Ray): which machine ran (or resumed) a cell."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
+
+def resume_point(ckpt: Any, earlier: list[str], fs: Any, cell: str) -> tuple[Any, dict | None, dict | None]:
+    """(checkpoint, resume state, finished result) a trial starts from: Tune's own checkpoint on a
+    retry within this attempt (complete by construction), else the newest earlier-attempt
+    checkpoint that opens (a killed driver; an upload cut short is skipped), else nothing."""
+    from ray.tune import Checkpoint
+
+    if ckpt is not None:
+        return (ckpt, *_open_checkpoint(ckpt))
+    for path in earlier:
+        try:
+            ckpt = Checkpoint(path, filesystem=fs)
+            return (ckpt, *_open_checkpoint(ckpt))
+        except Exception as e:  # noqa: BLE001 - a truncated or missing file: the next older one
+            print(f"[{cell}] skipping an incomplete checkpoint {path}: {e}", flush=True)
+    return None, None, None
+
+
+def _open_checkpoint(ckpt: Any) -> tuple[dict | None, dict | None]:
+    """(resume state, None) of an unfinished cell, or (None, result) of a finished one."""
+    with ckpt.as_directory() as d:
+        if (Path(d) / RESULT_FILE).is_file():
+            return None, json.loads((Path(d) / RESULT_FILE).read_text())
+        return torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=False), None
+
+
+def _report_with(report, metrics: dict[str, Any], files: dict[str, Any] | None) -> None:
+    """Report `metrics`, with a checkpoint of `files` (name -> object, torch-saved or JSON) if any;
+    Tune uploads it to the storage before `report` returns, so the folder is temporary."""
+    if files is None:
+        report(metrics)
+        return
+    import tempfile
+
+    from ray.tune import Checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="dssn-ckpt-") as tmp:
+        for name, obj in files.items():
+            if name.endswith(".json"):
+                write_json(Path(tmp) / name, obj)
+            else:
+                torch.save(obj, Path(tmp) / name)
+        report(metrics, checkpoint=Checkpoint.from_directory(tmp))
 
 
 def _run_cell(
     spec: TrialSpec,
     trial_id: str,
     tracking: dict[str, Any],
-    runs_dir: str,
     report,
+    get_checkpoint,
     dist=None,
     device: torch.device | None = None,
 ) -> None:
-    """Fit one cell; rank 0 mirrors every epoch to MLflow and the cell's checkpoint, every rank reports."""
-    from pipeline.tracking import TrialRun, clean_params, confusion_png, repo_relative, source_tags
+    """Fit one cell; rank 0 mirrors every epoch to MLflow and to a Tune checkpoint, every rank reports."""
+
+    from pipeline.tracking import (
+        TrialRun,
+        clean_params,
+        close_if_running,
+        confusion_png,
+        repo_relative,
+        source_tags,
+    )
     from pipeline.train import Dist
 
     dist = dist or Dist()
-    result_file = Path(runs_dir) / f"{spec.cell}.json"
-    ckpt = Path(tracking["exp_dir"]) / "cells" / spec.cell / "state.pt"
-    best_file, last_file = ckpt.with_name("best.pt"), ckpt.with_name("last.pt")
-    resume = torch.load(ckpt, map_location="cpu", weights_only=False) if ckpt.exists() else None
+    exp = Store.at(tracking["storage"]) / tracking["experiment"]
+    cell_dir = exp / "cells" / spec.cell  # best/last student weights: outputs, not resume state
+    ckpt, resume, finished = resume_point(
+        get_checkpoint(), tracking.get("resume_from", {}).get(spec.cell, []), exp.fs, spec.cell
+    )
+    if finished is not None:  # done in an earlier attempt whose driver died before writing it
+        if dist.main:
+            close_if_running(tracking["uri"], finished["mlflow_run_id"])
+        epoch = {"epoch": finished.get("final/epochs", 0)}
+        _report_with(report, epoch, {RESULT_FILE: finished} if dist.main else None)
+        return
+    resumed_from = None if resume is None else f"{ckpt.path} (epoch {int(resume['epoch'])})"
+    if resume is not None and dist.main:
+        print(f"[{spec.cell}] resuming at epoch {int(resume['epoch'])} from {ckpt.path}", flush=True)
     best = {"miou": (resume or {}).get("best", {}).get("student", {}).get("miou", float("-inf"))}
     run = None
     if dist.main:
@@ -298,6 +378,7 @@ def _run_cell(
             "ray.experiment": tracking["experiment"],
             **({"dssn.cell_key": k} if (k := tracking.get("cell_keys", {}).get(spec.cell)) else {}),
             "ray.workers": str(dist.world),
+            "ray.node_id": _node_id(),
             "git.commit": tracking["git_commit"],
             "dvc.stage": tracking["dvc_stage"],
         }
@@ -313,30 +394,33 @@ def _run_cell(
             clean_params(flatten(applied_config(spec, device)), tracking.get("root")),
             resume_from=None if resume is None else int(resume["epoch"]),
         )
-    # what the result file carries for the report (a resumed cell starts from its saved history)
+        if resumed_from:
+            run.set_tags({"ray.resumed_from": resumed_from, "ray.node_id": tags["ray.node_id"]})
+    # what the result carries for the report (a resumed cell starts from its saved history)
     history = (resume or {}).get("history") or []
     latest: dict[str, Any] = {"metrics": dict(history[-1]) if history else {}, "history": history}
+
+    def tune_metrics(metrics: dict[str, float]) -> dict[str, float]:
+        skip = ("val_class", "pseudo_kept", "pl_threshold", "pl_align")
+        return {k: v for k, v in metrics.items() if not k.startswith(skip)}
+
     try:
 
         def on_epoch(epoch: int, metrics: dict[str, float], state: dict) -> None:
             latest["metrics"], latest["history"] = {**latest["metrics"], **metrics}, state["history"]
+            files = None
             if run is not None:
                 run.log_metrics(metrics, step=epoch)
                 miou = metrics.get("val/miou_student")
                 if miou is not None and miou > best["miou"]:  # best student weights
                     best["miou"] = miou
-                    _save(state["student"], best_file)
-                _save(state, ckpt)
-            report(
-                {
-                    k: v
-                    for k, v in metrics.items()
-                    if not k.startswith(("val_class", "pseudo_kept", "pl_threshold", "pl_align"))
-                }
-            )
+                    _put(state["student"], cell_dir / "best.pt")
+                files = {"state.pt": state}
+            _report_with(report, tune_metrics(metrics), files)
 
         summary = fit(spec, on_epoch, resume, dist=dist, device=device)
-        if run is None:
+        if run is None:  # every rank reports as often as rank 0
+            report({})
             return
         student, confusion = summary.pop("_student"), summary.pop("_confusion")
         run.log_metrics(summary, step=int(summary["final/epochs"]))
@@ -347,17 +431,13 @@ def _run_cell(
         panel = _predictions(student, spec)
         if panel is not None:
             run.log_png(panel, "eval/predictions.png")
-        _save(student.state_dict(), last_file)
-        run.set_tags(
-            {
-                "checkpoint.best": str(best_file),
-                "checkpoint.last": str(last_file),
-            }
-        )
+        best_file, last_file = cell_dir / "best.pt", cell_dir / "last.pt"
+        _put(student.state_dict(), last_file)
+        run.set_tags({"checkpoint.best": best_file.uri, "checkpoint.last": last_file.uri})
         if spec.train.log_checkpoints:
             for f in (best_file, last_file):
                 if f.exists():
-                    run.log_file(f, "checkpoints")
+                    run.log_bytes(f.fs.open_input_stream(f.path).read(), f"checkpoints/{f.name}")
         out = {
             "ray_experiment": tracking["experiment"],
             "cell": spec.cell,
@@ -370,18 +450,19 @@ def _run_cell(
             "backbone": spec.model.backbone,
             "method.r": spec.method.r,
             "method.tau_low": spec.method.tau_low,
-            "checkpoint_best": repo_relative(str(best_file), tracking.get("root")),
+            "checkpoint_best": repo_relative(best_file.uri, tracking.get("root"))
+            if best_file.local
+            else best_file.uri,
             **{k: v for k, v in summary.items() if not k.startswith("final/iou_")},
             # the report is built from these (DVC-tracked), MLflow being the browsing mirror
             "tags": tags,
             "metrics": {**latest["metrics"], **summary},
             "history": [{k: v for k, v in h.items() if k in HISTORY_KEYS} for h in latest["history"]],
         }
-        write_json(result_file, out)
+        # The driver writes the result file from this report; the checkpoint (the result alone)
+        # replaces the resume state (num_to_keep=1), dead weight once the cell is done.
+        _report_with(report, tune_metrics(latest["metrics"]), {RESULT_FILE: out})
         run.finish("FINISHED")
-        # The resume state (student, teacher, optimizer: 3x the weights) only serves an unfinished
-        # cell; a finished one returns early on its result file, so it is dead weight from here.
-        ckpt.unlink(missing_ok=True)
     except SystemExit:  # Tune stopped the trial (an ASHA decision): not a failure
         if run is not None:
             run.finish("KILLED")
@@ -454,8 +535,62 @@ def trial_dirname(trial: Any) -> str:
     return f"{trial_name(trial)}_{trial.trial_id}"
 
 
-def _save(obj: Any, path: Path) -> None:
-    atomic(path, lambda p: torch.save(obj, p))
+def ResultWriter(runs_dir: Path, fs: Any) -> Any:  # noqa: N802 - builds a Tune callback (ray imported lazily)
+    """A driver-side Tune callback: a trial's last checkpoint holds its result, written here, on the
+    machine that runs `dvc repro`, as soon as Tune registers it (a cell done survives a killed
+    driver). `fs`: the storage's filesystem (a DDP trial's checkpoints are only paths)."""
+    from ray import tune
+
+    def collect(path: str | None, filesystem: Any) -> None:
+        if not path:
+            return
+        found = Store(filesystem, posixpath.join(path, RESULT_FILE), "").read_text()
+        if found:
+            out = json.loads(found)
+            write_json(Path(runs_dir) / f"{out['cell']}.json", out)
+
+    class _Writer(tune.Callback):
+        def on_checkpoint(
+            self, iteration: int, trials: list, trial: Any, checkpoint: Any, **info: Any
+        ) -> None:
+            collect(checkpoint.path, checkpoint.filesystem)
+
+        def on_trial_result(
+            self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
+        ) -> None:
+            collect(result.get("checkpoint_path"), fs)  # a DDP trial (TuneReportCallback)
+
+    return _Writer()
+
+
+_TRIAL_DIR = re.compile(r"^(?P<cell>.+?)_[0-9a-f]{5,8}(_\d{5})?$")  # trial_dirname: <cell>_<trial id>
+
+
+def last_checkpoints(exp_dir: Store, cells: list[str]) -> dict[str, list[str]]:
+    """Each cell's Tune checkpoints over the earlier attempts, newest first: where a new attempt
+    resumes it. The newest may be one a killed upload left incomplete (Tune registers, and only
+    then prunes, a checkpoint once it is uploaded), so the trial falls back to the next."""
+    from pipeline.studystate import ATTEMPTS
+
+    found: dict[str, list[str]] = {}
+    attempts = [a for a in (exp_dir / ATTEMPTS).children() if a.name.isdigit()]
+    for attempt in sorted(attempts, key=lambda a: int(a.name)):
+        for trial_dir in attempt.children():
+            m = _TRIAL_DIR.match(trial_dir.name)
+            if m is None or m["cell"] not in cells:
+                continue
+            ckpts = sorted(c.path for c in trial_dir.children() if c.name.startswith("checkpoint_"))
+            found[m["cell"]] = ckpts[::-1] + found.get(m["cell"], [])  # later attempts first
+    return {cell: paths for cell, paths in found.items() if paths}
+
+
+def _put(obj: Any, dest: Store) -> None:
+    """torch-save `obj` to the storage (atomically on a local disk)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="dssn-put-") as tmp:
+        torch.save(obj, Path(tmp) / dest.name)
+        dest.upload(Path(tmp) / dest.name)
 
 
 def _predictions(student: torch.nn.Module, spec: TrialSpec) -> np.ndarray | None:
@@ -562,7 +697,7 @@ def run_cells(
     # A finished cell is reused while its own definition holds (spec, training code, its split lists
     # and weights): adding a seed or a variant to a study must not retrain the cells already done.
     cell_keys = {s.cell: _hash([spec_dicts[s.cell], search_id, fingerprint([s])]) for s in specs}
-    exp_dir = paths.ray_results / exp_name
+    exp_dir = Store.at(paths.ray_results) / exp_name
     state = reconcile(runs_dir, sorted(spec_dicts), cell_keys, exp_name, search is not None)
     settle_runs(uri, f"dssn/{name}", state)  # no run is left RUNNING by a killed driver
     if search is None and not state.todo:  # every cell is done: nothing for Ray to do
@@ -586,7 +721,7 @@ def run_cells(
         resources = {"cpu": 0.01, "gpu": 0}
 
     exp_id = ensure_experiment(uri, f"dssn/{name}", paths.artifacts)
-    exp_dir.mkdir(parents=True, exist_ok=True)
+    exp_dir.mkdir()
     commit_id = git_commit(paths.root)
     parent = start_parent(
         uri,
@@ -621,7 +756,8 @@ def run_cells(
                 "git_commit": commit_id,
                 "dvc_stage": os.environ.get("DVC_STAGE", ""),
                 "experiment": exp_name,
-                "exp_dir": str(exp_dir),
+                "storage": paths.ray_results,
+                "resume_from": {} if search is not None else last_checkpoints(exp_dir, state.todo),
                 "cell_keys": cell_keys,
                 "root": str(paths.root),
             },
@@ -648,7 +784,7 @@ def _fit_and_verify(
     search: dict[str, Any] | None,
     todo: list[str],
     runs_dir: Path,
-    exp_dir: Path,
+    exp_dir: Store,
     max_concurrent: int | None,
     resources: dict[str, float],
     workers: dict[str, Any],
@@ -662,14 +798,14 @@ def _fit_and_verify(
 
     runs_dir.mkdir(parents=True, exist_ok=True)
     trainable = tune.with_resources(
-        tune.with_parameters(
-            _trainable, specs=spec_dicts, tracking=tracking, runs_dir=str(runs_dir), workers=workers
-        ),
-        resources,
+        tune.with_parameters(_trainable, specs=spec_dicts, tracking=tracking, workers=workers), resources
     )
     attempt = None
-    if search is not None and tune.Tuner.can_restore(str(exp_dir)):  # a searcher's state is its own
-        tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_errored=True)
+    # a searcher's state is its own
+    if search is not None and tune.Tuner.can_restore(exp_dir.path, storage_filesystem=exp_dir.fs):
+        tuner = tune.Tuner.restore(
+            exp_dir.path, trainable, resume_errored=True, storage_filesystem=exp_dir.fs
+        )
     else:
         if search is None:
             # never restored: Ray's record of TERMINATED trials must not hide a cell without a result
@@ -698,16 +834,19 @@ def _fit_and_verify(
                 trial_name_creator=trial_name,
                 trial_dirname_creator=trial_dirname,
             )
-            run_name, storage = exp_dir.name, exp_dir.parent
+            run_name, storage = exp_dir.name, Store(exp_dir.fs, posixpath.dirname(exp_dir.path), "")
         tuner = tune.Tuner(
             trainable,
             param_space=space,
             tune_config=tune_cfg,
             run_config=tune.RunConfig(
                 name=run_name,
-                storage_path=str(storage),
+                storage_path=storage.path,
+                storage_filesystem=exp_dir.fs,
                 verbose=1,
                 failure_config=tune.FailureConfig(max_failures=params.ray.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),  # the latest: what a retry resumes
+                callbacks=[ResultWriter(runs_dir, exp_dir.fs)],
             ),
         )
     results = tuner.fit()

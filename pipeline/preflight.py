@@ -35,6 +35,26 @@ def writable_dir(path: Path, label: str) -> None:
         raise PreflightError(f"{label}: {probe} is not writable ({e.strerror or e})") from e
 
 
+def reachable_storage(location: str, label: str) -> None:
+    """A local folder we may write in, or a URI whose bucket answers (read-only probe)."""
+    from pipeline.storage import Store, is_uri
+
+    if not is_uri(location):
+        writable_dir(Path(location), label)
+        return
+    try:
+        store = Store.at(location)
+        bucket = store.path.split("/", 1)[0]
+        found = store.fs.get_file_info(bucket)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises OSError/ArrowInvalid/... by backend
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise PreflightError(f"{label}: {location} is not reachable storage ({msg})") from e
+    import pyarrow.fs as pafs
+
+    if found.type != pafs.FileType.Directory:
+        raise PreflightError(f"{label}: {location}: no bucket {bucket!r} there (create it first)")
+
+
 def _tcp(host: str, port: int, label: str, value: str) -> None:
     try:
         with socket.create_connection((host, port), timeout=TIMEOUT_S):
@@ -117,7 +137,7 @@ def _speaks_grpc(host: str, port: int) -> bool:
 def check_before_work(params: Any, uri: str, runs_dir: Path, paths: Any) -> None:
     """Everything a training stage writes to or talks to, checked before Ray starts."""
     writable_dir(runs_dir, "paths.results")
-    writable_dir(paths.ray_results, "paths.ray_results")
+    reachable_storage(paths.ray_results, "paths.ray_results")
     if not uri.startswith(("http://", "https://")):
         writable_dir(paths.artifacts, "paths.mlflow_artifacts")
     check_tracking_uri(uri)

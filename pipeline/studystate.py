@@ -11,10 +11,11 @@ command finishes.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pipeline.storage import Store
 
 ATTEMPTS = "attempts"  # <ray experiment>/attempts/<n>: one Tune run per driver run
 
@@ -61,24 +62,23 @@ def reconcile(
     return state
 
 
-def next_attempt(exp_dir: Path) -> str:
+def next_attempt(exp_dir: Store) -> str:
     """A fresh Tune run name under the experiment folder (never restored)."""
-    base = Path(exp_dir) / ATTEMPTS
-    n = 1 + max((int(p.name) for p in base.glob("*") if p.name.isdigit()), default=0)
+    n = 1 + max((int(p.name) for p in (exp_dir / ATTEMPTS).children() if p.name.isdigit()), default=0)
     return str(n)
 
 
-def commit(runs_dir: Path, keep: set[str], exp_dir: Path, attempt: str | None) -> list[Path]:
-    """After a verified complete study: drop result files of other definitions and older attempts."""
+def commit(runs_dir: Path, keep: set[str], exp_dir: Store, attempt: str | None) -> list[Path]:
+    """After a verified complete study: drop result files of other definitions and older attempts
+    (their checkpoints; the cells' weights live in `<experiment>/cells`)."""
     removed = []
     for f in Path(runs_dir).glob("*.json"):
         if f.stem not in keep:
             f.unlink(missing_ok=True)
             removed.append(f)
-    base = Path(exp_dir) / ATTEMPTS
-    for p in base.glob("*") if base.is_dir() else []:
+    for p in (exp_dir / ATTEMPTS).children():
         if p.name != attempt and p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
+            p.rmtree()
     return removed
 
 

@@ -112,11 +112,13 @@ def log_parent(uri: str, run_id: str, params: dict[str, str], metrics: dict[str,
         client.log_batch(run_id, metrics=ms[i : i + MAX_BATCH])
 
 
-def start_parent(uri: str, experiment_id: str, study: str, state_file: Path, tags: dict[str, str]) -> str:
-    """Reuse the parent run recorded in `state_file` (a resumed study) or open a new one."""
+def start_parent(uri: str, experiment_id: str, study: str, state_file: Any, tags: dict[str, str]) -> str:
+    """Reuse the parent run recorded in `state_file` (a `pipeline.storage.Store`; a resumed study)
+    or open a new one."""
     client = MlflowClient(tracking_uri=uri)
-    if state_file.exists():
-        run_id = state_file.read_text().strip()
+    recorded = state_file.read_text()
+    if recorded:
+        run_id = recorded.strip()
         try:
             run = client.get_run(run_id)
             if run.info.lifecycle_stage == "active":
@@ -127,7 +129,6 @@ def start_parent(uri: str, experiment_id: str, study: str, state_file: Path, tag
     run = client.create_run(
         experiment_id, run_name=study, tags={"role": "parent", "dssn.study": study, **tags}
     )
-    state_file.parent.mkdir(parents=True, exist_ok=True)
     state_file.write_text(run.info.run_id)
     return run.info.run_id
 
@@ -231,6 +232,13 @@ class TrialRun:
 
     def log_file(self, path: Path, artifact_dir: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_dir)
+
+    def log_bytes(self, data: bytes, artifact_file: str) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / Path(artifact_file).name
+            path.write_bytes(data)
+            parent = str(Path(artifact_file).parent)
+            self.client.log_artifact(self.run_id, str(path), None if parent == "." else parent)
 
     def log_png(self, image: np.ndarray, artifact_file: str) -> None:
         with tempfile.TemporaryDirectory() as d:

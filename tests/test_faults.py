@@ -384,6 +384,24 @@ PLACE_CASES: list[tuple[str, Callable[[Path], Mutate], dict[str, str], str]] = [
         "res",
     ),
     ("ray_results_under_file", _under_file("ray_results", "rr"), {}, "paths.ray_results"),
+    (
+        "ray_results_unknown_scheme",
+        lambda root: _set("paths.ray_results", "nosuch://b/x"),
+        {},
+        "paths.ray_results: nosuch://b/x",
+    ),
+    (
+        "ray_results_s3_closed",  # an S3 endpoint where nothing answers
+        lambda root: _set("paths.ray_results", "s3://dssn-b/x"),
+        {
+            "AWS_ENDPOINT_URL": "http://127.0.0.1:9",
+            "AWS_ACCESS_KEY_ID": "a",
+            "AWS_SECRET_ACCESS_KEY": "b",
+            "AWS_EC2_METADATA_DISABLED": "true",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        },
+        "paths.ray_results: s3://dssn-b/x",
+    ),
     ("artifacts_under_file", _under_file("mlflow_artifacts", "art"), {}, "paths.mlflow_artifacts"),
 ]
 

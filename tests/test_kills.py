@@ -84,7 +84,7 @@ def test_kill_mid_epoch_between_cells_and_during_the_report(tmp_path):
     # 1. mid-epoch: a cell has its first epoch checkpoint and no cell is finished yet
     kill_when(
         _stage(root, "train.py", "demo"),
-        lambda: any(cells.glob("*/cells/*/state.pt")) and not any(runs.glob("*.json")),
+        lambda: any(cells.glob("*/attempts/*/*/checkpoint_*/state.pt")) and not any(runs.glob("*.json")),
     )
     # 2. between cells: the first cell's result is written, the second is not
     kill_when(_stage(root, "train.py", "demo"), lambda: len(list(runs.glob("*.json"))) == 1)

@@ -91,9 +91,11 @@ def test_four_trials_run_concurrently(tmp_path):
     starts = [r.info.start_time for r in trials]
     ends = [r.info.end_time for r in trials]
     assert max(starts) < min(ends), "the 4 trials did not overlap in time"
-    cells = {p.parent.name for p in root.glob("**/cells/*/last.pt")}
-    assert len(cells) == 4 and cells == {p.parent.name for p in root.glob("**/cells/*/best.pt")}
-    assert not list(root.glob("**/cells/*/state.pt")), "a finished cell kept its resume state"
+    cells = {p.parent.name for p in root.glob("ray_results/*/cells/*/last.pt")}
+    assert len(cells) == 4 and cells == {p.parent.name for p in root.glob("ray_results/*/cells/*/best.pt")}
+    # each trial's latest Tune checkpoint is its result (num_to_keep=1): no resume state is left
+    assert not list(root.glob("ray_results/**/state.pt")), "a finished cell kept its resume state"
+    assert len(list(root.glob("ray_results/*/attempts/*/*/checkpoint_*/dssn_result.json"))) == 4
 
 
 @pytest.mark.slow
@@ -284,9 +286,12 @@ def test_trials_stopped_by_the_scheduler_end_killed_and_one_at_a_time(tmp_path):
 
 
 def test_a_trial_killed_between_its_result_and_closing_its_run_is_closed_on_resume(tmp_path):
-    """The resumed trial finds its result file and returns at once; its MLflow run, left RUNNING
-    by the kill, must end FINISHED (the driver would otherwise close it as KILLED)."""
-    from pipeline.orchestrate import _trainable
+    """A trial whose last checkpoint is its result (it finished, but its driver died before the
+    result file was written) reports that result again at once, without training, and its MLflow
+    run, left RUNNING by the kill, ends FINISHED (the driver would otherwise close it as KILLED)."""
+    from ray.tune import Checkpoint
+
+    from pipeline.orchestrate import RESULT_FILE, ResultWriter, _run_cell
 
     spec = study_specs(load_params(REPO / "params.yaml"), "demo", REPO)[0]
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -294,15 +299,21 @@ def test_a_trial_killed_between_its_result_and_closing_its_run_is_closed_on_resu
     exp_id = client.create_experiment("dssn/demo", artifact_location=(tmp_path / "art").as_uri())
     run_id = client.create_run(exp_id).info.run_id
     assert client.get_run(run_id).info.status == "RUNNING"
-    runs_dir = tmp_path / "runs"
-    runs_dir.mkdir()
-    (runs_dir / f"{spec.cell}.json").write_text(json.dumps({"cell": spec.cell, "mlflow_run_id": run_id}))
-    tracking = {"uri": uri, "experiment": "demo-x", "cell_keys": {spec.cell: "k"}}
-    (runs_dir / f"{spec.cell}.json").write_text(
-        json.dumps({"cell": spec.cell, "cell_key": "k", "mlflow_run_id": run_id})
-    )
-    _trainable({"cell": spec.cell}, {spec.cell: spec.to_dict()}, tracking, str(runs_dir), {"n": 1})
+    done = {"cell": spec.cell, "cell_key": "k", "mlflow_run_id": run_id, "final/epochs": 4}
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / RESULT_FILE).write_text(json.dumps(done))
+    tracking = {"uri": uri, "experiment": "demo-x", "cell_keys": {spec.cell: "k"}, "storage": str(tmp_path)}
+    reports = []
+
+    def report(metrics, checkpoint=None):  # Tune's: persists the checkpoint before returning
+        reports.append((metrics, checkpoint.to_directory(str(tmp_path / f"persisted{len(reports)}"))))
+
+    _run_cell(spec, "t1", tracking, report, lambda: Checkpoint(str(tmp_path / "ckpt")))
     assert client.get_run(run_id).info.status == "FINISHED"
+    assert len(reports) == 1 and json.loads((Path(reports[0][1]) / RESULT_FILE).read_text()) == done
+    writer = ResultWriter(tmp_path / "runs", None)  # what the driver does with it
+    writer.on_checkpoint(1, [], None, Checkpoint(reports[0][1]))
+    assert json.loads((tmp_path / "runs" / f"{spec.cell}.json").read_text()) == done
 
 
 def test_paper_cityscapes_ohem_is_the_reference_per_gpu_batch():
@@ -336,3 +347,28 @@ def test_backbone_overrides_reach_cells_and_sweeps():
     raw["studies"]["demo"]["backbones"] = ["resnet34"]  # a sweep runs on the study's first backbone
     sw = sweep_specs(build(Params, raw, ""), "s", REPO)
     assert {(s.train.lr, s.method.w_con, s.method.r) for s in sw} == {(0.01, 0.5, 0.8)}
+
+
+def test_a_new_attempt_resumes_from_the_newest_complete_checkpoint(tmp_path):
+    """A killed driver can leave the newest checkpoint half uploaded; the next attempt finds every
+    checkpoint of the cell (later attempts first) and resumes from the newest one that opens."""
+    import torch
+
+    from pipeline.orchestrate import last_checkpoints, resume_point
+    from pipeline.storage import Store
+
+    exp = Store.at(tmp_path / "demo-abc")
+    good = tmp_path / "demo-abc/attempts/1/1_8-resnet18-dssn-s0_0a1b2_00000/checkpoint_000001"
+    cut = tmp_path / "demo-abc/attempts/2/1_8-resnet18-dssn-s0_9f8e7_00000/checkpoint_000000"
+    older = good.with_name("checkpoint_000000")
+    other = tmp_path / "demo-abc/attempts/2/1_8-resnet18-supervised-s0_9f8e7_00001/checkpoint_000000"
+    for d in (good, cut, older, other):
+        d.mkdir(parents=True)
+    torch.save({"epoch": 2}, good / "state.pt")
+    torch.save({"epoch": 1}, older / "state.pt")
+    (cut / "state.pt").write_bytes(b"PK\x03\x04 cut short")
+    found = last_checkpoints(exp, ["1_8-resnet18-dssn-s0"])
+    assert found == {"1_8-resnet18-dssn-s0": [str(cut), str(good), str(older)]}
+    ckpt, resume, finished = resume_point(None, found["1_8-resnet18-dssn-s0"], exp.fs, "c")
+    assert ckpt.path == str(good) and resume == {"epoch": 2} and finished is None
+    assert resume_point(None, [], exp.fs, "c") == (None, None, None)

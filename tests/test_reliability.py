@@ -108,7 +108,7 @@ def test_changed_config_killed_then_reverted_finishes(tmp_path):
     changed = json.loads(json.dumps(params))
     changed["studies"]["demo"]["overrides"]["train"].update(lr=0.0005, epochs=20, iters_per_epoch=3)
     write_params(root, changed)
-    kill_when(start_train(root), lambda: any(root.glob("ray_results/*/cells/*/state.pt")))
+    kill_when(start_train(root), lambda: any(root.glob("ray_results/*/attempts/*/*/checkpoint_*/state.pt")))
     assert result.read_bytes() == done, "the changed run touched the finished result before finishing"
 
     write_params(root, params)
