@@ -116,9 +116,15 @@ class DatasetCfg:
             )
 
 
+# ResNets: the paper's trunks. MobileNetV3: beyond the paper, CPU-sized trunks for the embedded demo.
+Backbone = Literal[
+    "resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3_small", "mobilenet_v3_large"
+]
+
+
 @dataclass(frozen=True)
 class ModelCfg:
-    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet101"
+    backbone: Backbone = "resnet101"
     deep_stem: bool = True  # the reference weights need the 3x(3x3) stem
     output_stride: Literal[8, 16] = 16
     aspp_rates: list[int] = field(default_factory=lambda: [6, 12, 18])
@@ -128,6 +134,12 @@ class ModelCfg:
     pretrained: str | None = None  # URL or local path of a backbone state_dict
 
     def validate(self, key: str) -> None:
+        _check(
+            not (self.deep_stem and self.backbone.startswith("mobilenet")),
+            f"{key}.deep_stem",
+            f"false for {self.backbone} (the deep stem is a ResNet stem)",
+            self.deep_stem,
+        )
         _check(len(self.aspp_rates) == 3, f"{key}.aspp_rates", "three atrous rates", self.aspp_rates)
         for v in self.aspp_rates:
             _check(v >= 1, f"{key}.aspp_rates", "three integers >= 1", self.aspp_rates)
@@ -158,6 +170,11 @@ class TrainCfg:
     eval_every: int = 1
     eval_batch: int = 1  # >1 only when all val images share one size
     threads: int = 1  # torch intra-op threads per trial on CPU
+    # CPU only: flush denormal floats to zero (torch.set_flush_denormal). A from-scratch model's
+    # gradients and AdamW second moments hold many denormals, which x86 CPUs compute ~100x slower;
+    # flushing them made a ResNet-18 step at 64 px ~2x faster (bench/demo_budget.py). Off by default
+    # (IEEE arithmetic, as every earlier CPU result was computed); the embedded demo turns it on.
+    flush_denormal: bool = False
     workers: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # The fast path, used on CUDA only unless `fast_path_on_cpu` (CPU runs ignore these): bf16
@@ -406,7 +423,7 @@ class PretrainCfg:
     """A backbone pretrained on a pretext task over disjoint synthetic images (the ImageNet
     analogue of the embedded benchmark); written to data/pretrained/<name>.pt."""
 
-    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet18"
+    backbone: Backbone = "resnet18"
     deep_stem: bool = False
     seed: int = 1  # generator seed: must differ from every synthetic dataset's (disjoint images)
     n_images: int = 8192
@@ -417,6 +434,7 @@ class PretrainCfg:
     lr: float = 0.002
     weight_decay: float = 1e-4
     threads: int = 2
+    flush_denormal: bool = False  # flush denormal floats to zero (train.flush_denormal: ~2x faster on CPU)
 
     def validate(self, key: str) -> None:
         for k in ("n_images", "n_val", "steps", "batch", "threads"):

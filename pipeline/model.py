@@ -1,4 +1,4 @@
-"""DeepLabV3+ on torchvision's ResNet and ASPP, with the two feature-dropout views of DSSN."""
+"""DeepLabV3+ on torchvision's ResNet (or MobileNetV3) and ASPP, with the two feature-dropout views of DSSN."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models import resnet
+from torchvision.models import mobilenetv3, resnet
 from torchvision.models.segmentation.deeplabv3 import ASPP
 
 from pipeline.config import ModelCfg
@@ -18,6 +18,46 @@ _RESNETS = {
     "resnet50": resnet.resnet50,
     "resnet101": resnet.resnet101,
 }
+
+
+MOBILENETS = ("mobilenet_v3_small", "mobilenet_v3_large")
+
+
+class MobileNetTrunk(nn.Module):
+    """torchvision's MobileNetV3 feature stack at a DeepLab output stride, for CPU-sized models.
+
+    Not in the paper (its backbones are ResNets); here so the embedded demo can run thousands of
+    steps on a laptop CPU. The stride-2 blocks past `output_stride` become dilated as torchvision's
+    own `dilated=True` does it (stride 1, dilation x2 from that block on). `encode` returns the last
+    stride-4 features (the DeepLab skip) and the last layer's; `forward` pools them through `fc`
+    (identity by default, a linear head for classification pretraining), like a ResNet trunk.
+    """
+
+    def __init__(self, arch: str, output_stride: int | None):
+        super().__init__()
+        setting, last_channel = mobilenetv3._mobilenet_v3_conf(arch)
+        stride, dilation, low = 2, 1, 0  # the stem convolution has stride 2
+        for i, c in enumerate(setting):
+            if c.stride == 2:
+                if output_stride is not None and stride * 2 > output_stride:
+                    dilation *= 2
+                else:
+                    stride *= 2
+            c.dilation = dilation
+            if stride <= 4:
+                low = i + 1  # features[0] is the stem, block i is features[i + 1]
+        self.features = mobilenetv3.MobileNetV3(setting, last_channel).features
+        self.low = low
+        self.c1 = setting[low - 1].out_channels
+        self.c4 = self.features[-1].out_channels
+        self.fc: nn.Module = nn.Identity()
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c1 = self.features[: self.low + 1](x)
+        return c1, self.features[self.low + 1 :](c1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.encode(x)[1].mean((2, 3)))
 
 
 class WeightLoadError(RuntimeError):
@@ -36,9 +76,12 @@ def _dilate(layer: nn.Sequential, dilation: int) -> None:
             block.downsample[0].stride = (1, 1)
 
 
-def build_backbone(cfg: ModelCfg, dilated: bool = True) -> tuple[resnet.ResNet, int, int]:
-    """A ResNet trunk at the requested output stride (stride 32 when not `dilated`, for
-    classification pretraining); returns (net, c1 channels, c4 channels)."""
+def build_backbone(cfg: ModelCfg, dilated: bool = True) -> tuple[nn.Module, int, int]:
+    """A ResNet (or MobileNetV3) trunk at the requested output stride (stride 32 when not `dilated`,
+    for classification pretraining); returns (net, c1 channels, c4 channels)."""
+    if cfg.backbone in MOBILENETS:
+        trunk = MobileNetTrunk(cfg.backbone, cfg.output_stride if dilated else None)
+        return trunk, trunk.c1, trunk.c4
     dil = [False, False, True] if cfg.output_stride == 16 else [False, True, True]
     bottleneck = cfg.backbone in ("resnet50", "resnet101")
     use_dil = dil if bottleneck and dilated else None
@@ -98,6 +141,8 @@ class DeepLabV3Plus(nn.Module):
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b = self.backbone
+        if isinstance(b, MobileNetTrunk):
+            return b.encode(x)
         x = b.maxpool(b.relu(b.bn1(b.conv1(x))))
         c1 = b.layer1(x)
         c4 = b.layer4(b.layer3(b.layer2(c1)))

@@ -93,6 +93,7 @@ def pretrain(cfg: PretrainCfg, out_file: Path, progress: bool = True) -> dict[st
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
+    torch.set_flush_denormal(cfg.flush_denormal)
     train = render_set(cfg.seed, "train", cfg.n_images, cfg.size, f"pretrain images (seed {cfg.seed})")
     held = render_set(cfg.seed, "val", cfg.n_val, cfg.size, "held-out images")
     net = classifier(cfg)

@@ -460,6 +460,7 @@ def fit(
     batch_l, batch_u = cfg.batch_l // dist.world, cfg.batch_u // dist.world
     if device.type == "cpu":
         torch.set_num_threads(cfg.threads)
+        torch.set_flush_denormal(cfg.flush_denormal)  # per process; Ray reuses worker processes
     torch.manual_seed(spec.seed)
     np.random.seed(spec.seed)
     k = spec.dataset.num_classes

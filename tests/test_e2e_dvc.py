@@ -146,6 +146,12 @@ def test_dvc_repro_end_to_end(tmp_path):
         assert "eval/predictions.png" in arts
     dssn = [r for r in trials if r.data.tags["dssn.variant"] == "dssn"]
     assert all("val/miou_teacher" in r.data.metrics and "train/mask_ratio" in r.data.metrics for r in dssn)
+    # The DSSN step's image-level branch is logged every epoch (loss_s > 0 and the teacher's kept classes
+    # need a model that has learned something: 4 steps from scratch cannot; see README "The demo").
+    for r in dssn:
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "train/loss_s")] == [1, 2]
+        assert r.data.params["method.ema_keep"] == "0.98"  # the demo's keep, matched to its steps
+        assert r.data.params["train.flush_denormal"] == "True"
 
     # The ablation study is a table of its own; the exploration sweep stopped some trials early.
     ablation = (work / "results/tables/ablation.md").read_text()

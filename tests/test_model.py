@@ -72,3 +72,30 @@ def test_head_lr_groups():
     assert groups[0]["lr"] == 0.01 and groups[1]["lr"] == pytest.approx(0.1)
     n_all = sum(p.numel() for p in m.parameters())
     assert sum(p.numel() for g in groups for p in g["params"]) == n_all
+
+
+@pytest.mark.parametrize("backbone", ["mobilenet_v3_small", "mobilenet_v3_large"])
+@pytest.mark.parametrize("output_stride", [8, 16])
+def test_mobilenet_trunk_strides_views_and_weights(backbone, output_stride, tmp_path):
+    """The CPU-sized trunks (beyond the paper): skip at stride 4, high level at the output stride,
+    the feature-dropout views, and their own state_dict through the key-checked loader."""
+    torch.manual_seed(0)
+    cfg = ModelCfg(backbone=backbone, deep_stem=False, output_stride=output_stride, **SMALL)
+    m = build_model(cfg, num_classes=5)
+    c1, c4 = m.encode(torch.randn(2, 3, 64, 64))
+    assert c1.shape[-1] == 16 and c4.shape[-1] == 64 // output_stride
+    assert c1.shape[1] == m.backbone.c1 and c4.shape[1] == m.backbone.c4
+    x = torch.randn(2, 3, 48, 48)
+    clean, fp1, fp2 = m(x, n_fp=2)
+    assert clean.shape == fp1.shape == (2, 5, 48, 48) and not torch.allclose(fp1, fp2)
+    torch.save(build_model(cfg, num_classes=5).backbone.state_dict(), tmp_path / "w.pt")
+    load_backbone_weights(m, str(tmp_path / "w.pt"))
+    with pytest.raises(WeightLoadError):
+        load_backbone_weights(m, str(tmp_path / "w.pt").replace("w.pt", "missing.pt"))
+
+
+def test_mobilenet_refuses_the_resnet_deep_stem():
+    from pipeline.config import ConfigError, build
+
+    with pytest.raises(ConfigError, match="deep_stem"):
+        build(ModelCfg, {"backbone": "mobilenet_v3_small", "deep_stem": True}, "model")

@@ -91,3 +91,16 @@ def test_relative_weights_resolve_against_the_repo_and_enter_the_fingerprint(tmp
     before = fingerprint([spec])
     (tmp_path / "w" / "resnet18.pt").write_bytes(b"two")
     assert fingerprint([spec]) != before  # re-pretrained weights never reuse old results
+
+
+def test_mobilenet_pretext_classifier_and_warm_start(tmp_path):
+    """A CPU-sized MobileNetV3 trunk pretrains at stride 32 and loads into the stride-16 trunk."""
+    cfg = dataclasses.replace(TINY, backbone="mobilenet_v3_small")
+    assert classifier(cfg)(torch.zeros(2, 3, 64, 64)).shape == (2, 6)
+    pretrain(cfg, tmp_path / "m.pt", progress=False)
+    model = build_model(
+        ModelCfg(backbone="mobilenet_v3_small", deep_stem=False, pretrained=str(tmp_path / "m.pt")), 7
+    )
+    saved = torch.load(tmp_path / "m.pt", weights_only=True)
+    assert all(torch.equal(v, saved[k]) for k, v in model.backbone.state_dict().items())
+    assert model.encode(torch.zeros(1, 3, 64, 64))[1].shape[-1] == 4

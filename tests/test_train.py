@@ -152,3 +152,16 @@ def test_ohem_chunk_must_divide_each_workers_batch():
     train = dataclasses.replace(s.train, sup_loss="ohem", batch_l=4, batch_u=4, ohem_chunk=4)
     with pytest.raises(ValueError, match=r"train.ohem_chunk \(4\) must divide each worker's labeled batch"):
         fit(dataclasses.replace(s, train=train), dist=Dist(rank=0, world=2), device=torch.device("cpu"))
+
+
+def test_flush_denormal_is_set_per_trial(spec):
+    """`train.flush_denormal` (CPU): denormal floats flush to zero inside the trial's process, and a
+    later trial without it (Ray reuses worker processes) computes in IEEE arithmetic again."""
+
+    def denormal() -> float:
+        return (torch.tensor([1e-39], dtype=torch.float32) * 1.0).item()
+
+    fit(dataclasses.replace(spec, train=dataclasses.replace(spec.train, flush_denormal=True)))
+    assert denormal() == 0.0
+    fit(dataclasses.replace(spec, train=dataclasses.replace(spec.train, flush_denormal=False)))
+    assert denormal() != 0.0
