@@ -32,8 +32,9 @@ repro: setup
 	dvc repro
 
 ## Quickstart 2: install if needed, then the whole test suite (end-to-end tests included)
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q -rs
+	$(PY) -m pytest -q -rs -n $(TEST_WORKERS) --durations=25
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
