@@ -75,10 +75,11 @@ def _search(sw: SweepCfg, epochs: int) -> dict[str, Any]:
         from ray.tune.search.optuna import OptunaSearch
 
         search_alg = OptunaSearch(seed=0)
+    # Time is the trial's epoch, not Tune's report count: a finished trial reports once more (its
+    # result), and survivors end on their own (max_t beyond the last epoch) instead of being stopped.
     scheduler = ASHAScheduler(
-        time_attr="training_iteration",
-        max_t=epochs
-        + 1,  # survivors end on their own (and log their results) instead of being stopped at max_t
+        time_attr="epoch",
+        max_t=epochs + 1,
         grace_period=sw.grace_period,
         reduction_factor=sw.reduction_factor,
     )
@@ -129,8 +130,8 @@ def run_sweep(params: Params, name: str, root: Path) -> dict[str, Path]:
                     "seed": 0,
                     "miou": best,
                     "miou_best": best,
-                    "epochs": r.metrics.get("training_iteration"),
-                    "stopped_early": r.metrics.get("training_iteration", 0) < specs[0].train.epochs,
+                    "epochs": r.metrics.get("epoch"),
+                    "stopped_early": r.metrics.get("epoch", 0) < specs[0].train.epochs,
                 }
             )
     return write_sweep_report(pd.DataFrame(rows), out_dir, name, sw.mode)
