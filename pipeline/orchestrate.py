@@ -307,17 +307,32 @@ def _open_checkpoint(ckpt: Any) -> tuple[dict | None, dict | None]:
         return torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=False), None
 
 
+STAGING_MAX_AGE_S = 24 * 3600  # a checkpoint staging folder older than this was left by a kill
+
+
 def _report_with(report, metrics: dict[str, Any], files: dict[str, Any] | None) -> None:
     """Report `metrics`, with a checkpoint of `files` (name -> object, torch-saved or JSON) if any;
-    Tune uploads it to the storage before `report` returns, so the folder is temporary."""
+    Tune uploads it to the storage before `report` returns, so the folder is only staging.
+
+    A trial killed mid-upload leaves its staging folder behind (a resume state is 3x the weights),
+    so folders of ours older than a day are removed first."""
     if files is None:
         report(metrics)
         return
+    import shutil
     import tempfile
+    import time
 
     from ray.tune import Checkpoint
 
-    with tempfile.TemporaryDirectory(prefix="dssn-ckpt-") as tmp:
+    base = Path(tempfile.gettempdir())
+    for old in base.glob("dssn-ckpt-*"):
+        try:
+            if time.time() - old.stat().st_mtime > STAGING_MAX_AGE_S:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:
+            pass
+    with tempfile.TemporaryDirectory(prefix="dssn-ckpt-", dir=base) as tmp:
         for name, obj in files.items():
             if name.endswith(".json"):
                 write_json(Path(tmp) / name, obj)

@@ -372,3 +372,27 @@ def test_a_new_attempt_resumes_from_the_newest_complete_checkpoint(tmp_path):
     ckpt, resume, finished = resume_point(None, found["1_8-resnet18-dssn-s0"], exp.fs, "c")
     assert ckpt.path == str(good) and resume == {"epoch": 2} and finished is None
     assert resume_point(None, [], exp.fs, "c") == (None, None, None)
+
+
+def test_checkpoint_staging_left_by_a_kill_is_removed_a_day_later(tmp_path, monkeypatch):
+    """A trial killed while Tune uploads its checkpoint leaves the staging folder (3x the weights);
+    the next report on that machine removes ours older than a day, and nothing younger."""
+    import tempfile
+
+    from pipeline.orchestrate import STAGING_MAX_AGE_S, _report_with
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    stale, fresh, other = tmp_path / "dssn-ckpt-stale", tmp_path / "dssn-ckpt-fresh", tmp_path / "keep-me"
+    for d in (stale, fresh, other):
+        d.mkdir()
+        (d / "state.pt").write_bytes(b"x")
+    old = time.time() - STAGING_MAX_AGE_S - 60
+    os.utime(stale, (old, old))
+    os.utime(other, (old, old))
+    seen = []
+    _report_with(
+        lambda m, checkpoint: seen.append(sorted(os.listdir(checkpoint.path))), {"epoch": 1}, {"a.json": {}}
+    )
+    assert seen == [["a.json"]]
+    assert not stale.exists() and fresh.exists() and other.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dssn-ckpt-fresh", "keep-me"]  # its own is gone too
