@@ -435,7 +435,22 @@ def test_unreachable_or_unwritable_places_stop_before_any_work(
     assert _snapshot(tmp_path) == before
 
 
-def test_an_http_server_that_is_not_mlflow_is_named(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize(
+    ("var", "value", "needle"),
+    [
+        ("MLFLOW_TRACKING_URI", lambda url: url.rsplit("/", 1)[0], lambda v: "not an MLflow server"),
+        (
+            "RAY_ADDRESS",
+            lambda url: url.split("//")[1].split("/")[0],
+            lambda v: f"RAY_ADDRESS={v}: {v} answers, but not as a Ray",
+        ),
+    ],
+    ids=["mlflow", "ray"],
+)
+def test_a_server_that_answers_but_is_not_the_service_is_named(
+    tmp_path, monkeypatch, capsys, var, value, needle
+):
+    """An HTTP server where MLflow (or Ray's GCS) should be: one line naming what answered."""
     from tests.data.server import LocalServer
 
     _fake_splits(tmp_path)
@@ -443,24 +458,10 @@ def test_an_http_server_that_is_not_mlflow_is_named(tmp_path, monkeypatch, capsy
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
     monkeypatch.chdir(tmp_path)
     with LocalServer() as srv:
-        url = srv.add("/x", b"x").rsplit("/", 1)[0]
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        v = value(srv.add("/x", b"x"))
+        monkeypatch.setenv(var, v)
         assert main(["--params", str(p), "train", "demo"]) == 2
-    _one_clean_line(capsys.readouterr().err, "not an MLflow server")
-
-
-def test_ray_address_that_is_not_ray_is_named(tmp_path, monkeypatch, capsys):
-    from tests.data.server import LocalServer
-
-    _fake_splits(tmp_path)
-    p = _params(tmp_path, lambda raw: None)
-    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
-    monkeypatch.chdir(tmp_path)
-    with LocalServer() as srv:
-        hostport = srv.add("/x", b"x").split("//")[1].split("/")[0]
-        monkeypatch.setenv("RAY_ADDRESS", hostport)
-        assert main(["--params", str(p), "train", "demo"]) == 2
-    _one_clean_line(capsys.readouterr().err, f"RAY_ADDRESS={hostport}: {hostport} answers, but not as a Ray")
+    _one_clean_line(capsys.readouterr().err, needle(v))
 
 
 @pytest.mark.slow

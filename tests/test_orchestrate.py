@@ -73,6 +73,18 @@ def _train(root: Path) -> subprocess.CompletedProcess:
     )
 
 
+def start_train(root: Path) -> subprocess.Popen:
+    """The train stage in the background, in a session of its own (kill -9 takes its Ray workers too)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "train", "demo"],
+        cwd=root,
+        env=_env(root),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
 def _trial_runs(root: Path, study: str = "demo"):
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     exp = client.get_experiment_by_name(f"dssn/{study}")
@@ -106,14 +118,7 @@ def test_killed_study_resumes_without_repeating_or_duplicating(tmp_path):
     params["ray"].update(cpus_per_trial=1.0)  # 2 at a time: supervised cells finish first
     root = _prepare(tmp_path, params)
     runs_dir = root / "results/runs/demo"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "train", "demo"],
-        cwd=root,
-        env=_env(root),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    proc = start_train(root)
     deadline = time.time() + 400
     while time.time() < deadline and len(list(runs_dir.glob("*.json"))) < 1:
         time.sleep(0.5)

@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from mlflow import MlflowClient
 
 from tests.conftest import REPO
 from tests.test_e2e_dvc import tiny_params
-from tests.test_orchestrate import _env, _prepare, _train, _trial_runs
+from tests.test_orchestrate import _prepare, _train, _trial_runs, start_train
 
 CELL = "1_4-resnet18-supervised-s0"
 
@@ -45,17 +44,6 @@ def one_cell_params(epochs: int = 2, iters: int = 2) -> dict:
 
 def write_params(root: Path, params: dict) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-def start_train(root: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "train", "demo"],
-        cwd=root,
-        env=_env(root),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
 
 
 def kill_when(proc: subprocess.Popen, ready, timeout: float = 300) -> None:
