@@ -7,6 +7,7 @@ is resumed finds its run by (`ray.experiment`, `dssn.cell`) and continues it.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -225,15 +226,10 @@ class TrialRun:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_json(self, obj: Any, artifact_file: str) -> None:
-        with tempfile.TemporaryDirectory() as d:
-            path = Path(d) / Path(artifact_file).name
-            path.write_text(json.dumps(obj, indent=2, default=str))
-            self.client.log_artifact(self.run_id, str(path), str(Path(artifact_file).parent) or None)
-
-    def log_file(self, path: Path, artifact_dir: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_dir)
+        self.log_bytes(json.dumps(obj, indent=2, default=str).encode(), artifact_file)
 
     def log_bytes(self, data: bytes, artifact_file: str) -> None:
+        """`data` as the artifact `artifact_file` (folder/name) of this run."""
         with tempfile.TemporaryDirectory() as d:
             path = Path(d) / Path(artifact_file).name
             path.write_bytes(data)
@@ -241,11 +237,9 @@ class TrialRun:
             self.client.log_artifact(self.run_id, str(path), None if parent == "." else parent)
 
     def log_png(self, image: np.ndarray, artifact_file: str) -> None:
-        with tempfile.TemporaryDirectory() as d:
-            path = Path(d) / Path(artifact_file).name
-            Image.fromarray(image).save(path)
-            parent = str(Path(artifact_file).parent)
-            self.client.log_artifact(self.run_id, str(path), None if parent == "." else parent)
+        buf = io.BytesIO()
+        Image.fromarray(image).save(buf, format="PNG")
+        self.log_bytes(buf.getvalue(), artifact_file)
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status)
