@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -56,7 +57,7 @@ CANDIDATES: dict[str, dict[str, dict]] = {
 def parse_patch(text: str) -> dict[str, dict]:
     """`model.output_stride=8,train.lr=0.002` -> {"model": {"output_stride": 8}, "train": {"lr": 0.002}}."""
     out: dict[str, dict] = {}
-    for item in filter(None, text.split(",")):
+    for item in filter(None, re.split(r",(?=\w+\.\w+=)", text)):  # commas inside [..] stay
         key, value = item.split("=", 1)
         section, name = key.split(".", 1)
         out.setdefault(section, {})[name] = json.loads(value) if value[:1] in "0123456789-[{tfn" else value
@@ -64,9 +65,10 @@ def parse_patch(text: str) -> dict[str, dict]:
 
 
 def run(args: argparse.Namespace) -> dict:
-    params = load_params(ROOT / "params.yaml")
+    root = Path(args.root).resolve() if args.root else ROOT
+    params = load_params(root / "params.yaml")
     spec = next(
-        s for s in study_specs(params, "demo", ROOT) if s.split == args.split and s.variant == args.variant
+        s for s in study_specs(params, "demo", root) if s.split == args.split and s.variant == args.variant
     )
     patch = json.loads(json.dumps(CANDIDATES[args.cand]))
     for section, extra in parse_patch(args.set).items():
@@ -118,6 +120,7 @@ def run(args: argparse.Namespace) -> dict:
     train_mod.fit(spec, on_epoch=on_epoch)
     last = curve[-1]
     return {
+        "root": str(root),
         "cand": args.cand,
         "set": args.set,
         "split": args.split,
@@ -163,6 +166,11 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument(
+        "--root",
+        default="",
+        help="a folder with its own params.yaml and data/ (prepared + splits), e.g. another scene",
+    )
     p.add_argument("--table", action="store_true", help="print the recorded runs as a table and exit")
     args = p.parse_args()
     if args.table:

@@ -45,7 +45,7 @@ def cmd_fetch(params: Params, root: Path, name: str) -> None:
         from pipeline.data.synthetic import generate
 
         s = src.synthetic
-        generate(raw / "VOC2012", s.n_train, s.n_val, s.size, s.seed)
+        generate(raw / "VOC2012", s.n_train, s.n_val, s.size, s.seed, s.scene())
         source = {"voc_root": _rel(raw / "VOC2012", root), "sbd_root": None}
     elif ds.kind == "voc":
         from pipeline.data import fetch

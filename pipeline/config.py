@@ -40,12 +40,45 @@ class SyntheticCfg:
     n_val: int = 256
     size: int = 64
     seed: int = 0
+    # the scene (pipeline.data.synthetic.Scene): the defaults are the benchmark's difficulty
+    objects: list[int] = field(default_factory=lambda: [1, 4])
+    radius: list[float] = field(default_factory=lambda: [0.10, 0.32])
+    aspect: list[float] = field(default_factory=lambda: [0.75, 1.33])
+    truncate: bool = True
+    clutter: int = 3
+    textures: bool = True
+    balanced: bool = False
+    grey_background: bool = False
 
     def validate(self, key: str) -> None:
         _check(self.n_train >= 16, f"{key}.n_train", "an integer >= 16", self.n_train)
         _check(self.n_val >= 1, f"{key}.n_val", "an integer >= 1", self.n_val)
         _check(32 <= self.size <= 512, f"{key}.size", "an integer in [32, 512]", self.size)
         _check(self.seed >= 0, f"{key}.seed", "an integer >= 0", self.seed)
+        lo_hi = len(self.objects) == 2 and 1 <= self.objects[0] <= self.objects[1] <= 16
+        _check(lo_hi, f"{key}.objects", "[min, max] with 1 <= min <= max <= 16", self.objects)
+        ok = len(self.radius) == 2 and 0.02 <= self.radius[0] <= self.radius[1] <= 0.5
+        _check(
+            ok, f"{key}.radius", "[min, max] with 0.02 <= min <= max <= 0.5 (of the image size)", self.radius
+        )
+        ok = len(self.aspect) == 2 and 0.25 <= self.aspect[0] <= self.aspect[1] <= 4
+        _check(ok, f"{key}.aspect", "[min, max] with 0.25 <= min <= max <= 4", self.aspect)
+        _check(0 <= self.clutter <= 16, f"{key}.clutter", "an integer in [0, 16]", self.clutter)
+
+    def scene(self) -> Any:
+        """The generator's Scene (imported here: config stays free of numpy/PIL at import)."""
+        from pipeline.data.synthetic import Scene
+
+        return Scene(
+            objects=tuple(self.objects),
+            radius=tuple(self.radius),
+            aspect=tuple(self.aspect),
+            truncate=self.truncate,
+            clutter=self.clutter,
+            textures=self.textures,
+            balanced=self.balanced,
+            grey_background=self.grey_background,
+        )
 
 
 @dataclass(frozen=True)
@@ -155,6 +188,7 @@ class TrainCfg:
     batch_l: int = 8
     batch_u: int = 8
     crop: int = 513
+    scale: list[float] = field(default_factory=lambda: [0.5, 2.0])  # random rescale of the weak view
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = 0.002
     head_lr_mult: float = 10.0
@@ -205,6 +239,8 @@ class TrainCfg:
             (self.batch_l, self.batch_u),
         )
         _check(self.crop >= 32, f"{key}.crop", "an integer >= 32", self.crop)
+        ok = len(self.scale) == 2 and 0.1 <= self.scale[0] <= self.scale[1] <= 4
+        _check(ok, f"{key}.scale", "[min, max] with 0.1 <= min <= max <= 4", self.scale)
         _check(self.lr > 0, f"{key}.lr", "a positive float", self.lr)
         _check(0 < self.ohem_thresh < 1, f"{key}.ohem_thresh", "a float in (0, 1)", self.ohem_thresh)
         _check(self.ohem_min_kept >= 0, f"{key}.ohem_min_kept", "an integer >= 0", self.ohem_min_kept)
@@ -353,6 +389,9 @@ class StudyCfg:
     variants: list[str]
     seeds: list[int] = field(default_factory=lambda: [0])
     backbones: list[str] = field(default_factory=list)  # empty = model.backbone
+    # a variant trained on some of the splits only, e.g. {dssn: ["1_16"]}: fewer, longer cells
+    # where a budget is short (the demo); unnamed variants train on every split
+    variant_splits: dict[str, list[str]] = field(default_factory=dict)
     paper_table: str | None = None
     publish: str | None = None  # a committed Markdown file the report also writes this study's tables into
     overrides: OverridesCfg = field(default_factory=OverridesCfg)
@@ -669,6 +708,18 @@ def load_params(path: str | Path = "params.yaml") -> Params:
                 raise ConfigError(
                     f"params: `{key}.variants` entry {v!r} is unknown (known: {', '.join(VARIANTS)})"
                 )
+        for v, only in study.variant_splits.items():
+            if v not in study.variants:
+                raise ConfigError(
+                    f"params: `{key}.variant_splits.{v}` names a variant the study does not train "
+                    f"(its variants: {study.variants})"
+                )
+            for s in only:
+                if s not in study.splits:
+                    raise ConfigError(
+                        f"params: `{key}.variant_splits.{v}` entry {s!r} is not one of `{key}.splits` "
+                        f"{study.splits}"
+                    )
         _check(
             len(study.seeds) > 0 and len(study.variants) > 0 and len(study.splits) > 0,
             key,

@@ -27,6 +27,14 @@ def iou_from_confusion(cm: torch.Tensor) -> torch.Tensor:
     return inter / (union + 1e-10) * 100.0
 
 
+def background_only_miou(cm: torch.Tensor) -> float:
+    """mIoU of a model that predicts background (class 0) everywhere, on the same pixels as `cm`:
+    the floor a segmentation result has to clear (class imbalance makes it far from 0)."""
+    floor = torch.zeros_like(cm)
+    floor[:, 0] = cm.sum(1)
+    return float(iou_from_confusion(floor).mean())
+
+
 @torch.no_grad()
 def sliding_window_logits(
     model: torch.nn.Module, x: torch.Tensor, num_classes: int, crop: int

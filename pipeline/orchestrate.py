@@ -75,6 +75,8 @@ def study_specs(params: Params, study_name: str, root: Path) -> list[TrialSpec]:
             model = _local_weights(model, paths.root)
             backbone = model.backbone
             for variant in study.variants:
+                if split not in study.variant_splits.get(variant, study.splits):
+                    continue
                 for seed in study.seeds:
                     cell = f"{split}-{backbone}-{variant}-s{seed}"
                     specs.append(

@@ -375,6 +375,14 @@ def _header(df: pd.DataFrame, study: str) -> list[str]:
     seeds = ", ".join(str(s) for s in sorted(df["seed"].dropna().unique())) or "?"
     epochs = _span(df["final/epochs"]) if "final/epochs" in df else "?"
     steps = _span(df["final/steps"]) if "final/steps" in df else "?"
+    floor = []
+    if "final/miou_background_only" in df:
+        v = pd.to_numeric(df["final/miou_background_only"], errors="coerce").dropna()
+        if not v.empty:  # one val set per study: the same value in every run
+            floor = [
+                f"- background only: {v.max():.2f} % mIoU (every pixel predicted background, on the same "
+                "val set): the level a model has to clear"
+            ]
     return [
         f"# Study `{study}`",
         "",
@@ -382,6 +390,7 @@ def _header(df: pd.DataFrame, study: str) -> list[str]:
         f"- backbone(s): {names('backbone')}; variants: {names('variant')}",
         f"- seeds: {seeds} ({len(df)} finished trial runs)",
         f"- budget per trial: {epochs} epochs, {steps} steps",
+        *floor,
         "",
         "mIoU in %, mean ± std (ddof=1) over seeds, n = seeds; – = no run or no such metric.",
         "",

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from pipeline.config import DatasetCfg, MethodCfg, ModelCfg, TrainCfg, build, to_dict
 from pipeline.data.datasets import SegList, read_pairs
-from pipeline.evaluate import evaluate
+from pipeline.evaluate import background_only_miou, evaluate
 from pipeline.method.align import DistributionAlignment
 from pipeline.method.cplg import AdaptiveThresholds
 from pipeline.method.dssn import Batch, dssn_step
@@ -466,11 +466,14 @@ def fit(
     k = spec.dataset.num_classes
 
     root, split_dir = Path(spec.root), Path(spec.split_dir)
-    unl = SegList(root, split_dir / spec.split / "unlabeled.txt", "train_u", cfg.crop)
+    scale = (cfg.scale[0], cfg.scale[1])
+    unl = SegList(root, split_dir / spec.split / "unlabeled.txt", "train_u", cfg.crop, scale=scale)
     if mcfg.epoch_pass == "labeled":  # the reference supervised.py: one pass over the labeled list
-        lab = SegList(root, split_dir / spec.split / "labeled.txt", "train_l", cfg.crop)
+        lab = SegList(root, split_dir / spec.split / "labeled.txt", "train_l", cfg.crop, scale=scale)
     else:  # the semi-supervised scripts: the labeled list repeated to the unlabeled list's length
-        lab = SegList(root, split_dir / spec.split / "labeled.txt", "train_l", cfg.crop, length=len(unl))
+        lab = SegList(
+            root, split_dir / spec.split / "labeled.txt", "train_l", cfg.crop, length=len(unl), scale=scale
+        )
     iters = epoch_steps(spec, len(lab), len(unl))
     val = SegList(root, split_dir / "val.txt", "val")
     total = iters * cfg.epochs
@@ -642,5 +645,7 @@ def summarize(state: dict, spec: TrialSpec, last_metrics: dict[str, float]) -> d
     if "student" in state.get("last_eval", {}):
         for name, v in zip(spec.class_names, state["last_eval"]["student"]["iou"], strict=True):
             out[f"final/iou_student_last/{name}"] = v
+        cm = torch.tensor(state["last_eval"]["student"]["confusion"])
+        out["final/miou_background_only"] = background_only_miou(cm)
     out["_confusion"] = state.get("last_eval", {}).get("student", {}).get("confusion")
     return out

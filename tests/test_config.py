@@ -88,6 +88,27 @@ def test_repo_params_load():
             "datasets.synthetic.protocols.u2pl",
             "one of",
         ),
+        (
+            lambda r: r["studies"]["demo"].update(variant_splits={"unimatch": ["1_16"]}),
+            "studies.demo.variant_splits.unimatch",
+            "names a variant the study does not train",
+        ),
+        (
+            lambda r: r["studies"]["demo"].update(variant_splits={"dssn": ["1_2"]}),
+            "studies.demo.variant_splits.dssn",
+            "is not one of `studies.demo.splits`",
+        ),
+        (
+            lambda r: r["datasets"]["synthetic"]["source"]["synthetic"].update(radius=[0.4, 0.2]),
+            "datasets.synthetic.source.synthetic.radius",
+            "[min, max]",
+        ),
+        (
+            lambda r: r["datasets"]["synthetic"]["source"]["synthetic"].update(objects=[0, 2]),
+            "datasets.synthetic.source.synthetic.objects",
+            "1 <= min <= max",
+        ),
+        (lambda r: r["train"].update(scale=[2.0]), "train.scale", "[min, max]"),
     ],
 )
 def test_bad_params_name_the_key(tmp_path, mutate, key, expected):
@@ -95,6 +116,17 @@ def test_bad_params_name_the_key(tmp_path, mutate, key, expected):
         load_params(_write(tmp_path, mutate))
     assert key in str(err.value)
     assert expected in str(err.value)
+
+
+def test_variant_splits_restrict_a_variant_to_some_splits(tmp_path):
+    """The demo trains DSSN at 1/16 only, supervised at every fraction; unnamed variants keep all."""
+    from pipeline.orchestrate import study_specs
+
+    params = load_params(REPO / "params.yaml")
+    cells = [(s.split, s.variant) for s in study_specs(params, "demo", REPO)]
+    assert cells == [("1_16", "supervised"), ("1_16", "dssn"), ("1_8", "supervised"), ("1_4", "supervised")]
+    wide = load_params(_write(tmp_path, lambda r: r["studies"]["demo"].pop("variant_splits")))
+    assert len(study_specs(wide, "demo", REPO)) == 6
 
 
 def test_cli_exits_2_before_any_work(tmp_path):

@@ -23,7 +23,8 @@ def tiny_params(raw: dict) -> dict:
     raw["datasets"]["synthetic"]["protocols"]["blended"]["names"] = ["1_8", "1_4"]
     raw["ray"].update(num_cpus=2, cpus_per_trial=0.5)
     demo = raw["studies"]["demo"]
-    demo.update(splits=["1_8", "1_4"], variants=["supervised", "dssn"], seeds=[0])
+    # both variants on both splits (the demo trains DSSN at its smallest fraction only)
+    demo.update(splits=["1_8", "1_4"], variants=["supervised", "dssn"], seeds=[0], variant_splits={})
     demo["overrides"]["train"].update(
         epochs=2, iters_per_epoch=2, batch_l=2, batch_u=2, crop=32, eval_batch=12, log_images=2
     )

@@ -108,7 +108,9 @@ def test_weak_pipeline_matches_reference(ref_semi, tmp_path, monkeypatch, mode, 
     monkeypatch.setattr(
         datasets,
         "weak_augment",
-        lambda img, mask, crop, rng, pad_value: weak_augment(img, mask, crop, our_rng, pad_value=pad_value),
+        lambda img, mask, crop, rng, pad_value, scale: weak_augment(
+            img, mask, crop, our_rng, pad_value=pad_value, scale=scale  # train.scale's default
+        ),
     )
     lst = _write_list(tmp_path, [pair])
     ref_item = semi.SemiDataset("x", str(FIX), mode, crop, str(lst))[0]

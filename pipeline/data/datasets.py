@@ -36,8 +36,16 @@ def read_pairs(list_file: Path) -> list[tuple[str, str]]:
 class SegList(Dataset):
     """Samples of one list file. `length` repeats the list (labeled set matched to unlabeled)."""
 
-    def __init__(self, root: Path, list_file: Path, mode: Mode, crop: int = 0, length: int | None = None):
-        self.root, self.mode, self.crop = Path(root), mode, crop
+    def __init__(
+        self,
+        root: Path,
+        list_file: Path,
+        mode: Mode,
+        crop: int = 0,
+        length: int | None = None,
+        scale: tuple[float, float] = (0.5, 2.0),
+    ):
+        self.root, self.mode, self.crop, self.scale = Path(root), mode, crop, scale
         self.pairs = read_pairs(list_file)
         if length is not None and length > len(self.pairs):
             reps = -(-length // len(self.pairs))
@@ -55,7 +63,7 @@ class SegList(Dataset):
         # Per-sample RNG from torch's (per-worker seeded) generator: reproducible and distinct.
         rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,)).item()))
         pad = 255 if self.mode == "train_l" else PAD_UNLABELED
-        img, mask = weak_augment(img, mask, self.crop, rng, pad_value=pad)
+        img, mask = weak_augment(img, mask, self.crop, rng, pad_value=pad, scale=self.scale)
         m = to_mask_tensor(mask)
         if self.mode == "train_l":
             return {"image": to_uint8_tensor(img), "mask": m}

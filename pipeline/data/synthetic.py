@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,24 @@ CLASSES = ["background", "disc", "square", "triangle", "ring", "cross", "star"]
 # Long-tailed object frequencies (disc most common, star ~7x rarer).
 CLASS_FREQ = np.array([0.34, 0.24, 0.17, 0.12, 0.08, 0.05])
 IGNORE = 255
+
+
+@dataclass(frozen=True)
+class Scene:
+    """How hard the images are. The defaults are the benchmark's; an easier scene (bigger, fewer,
+    plain objects, no clutter, balanced classes) is what a few CPU minutes can learn (the demo).
+    The class stays carried by the shape alone in every scene."""
+
+    objects: tuple[int, int] = (1, 4)  # objects per image, inclusive range
+    radius: tuple[float, float] = (0.10, 0.32)  # object radius as a fraction of the image size
+    aspect: tuple[float, float] = (0.75, 1.33)  # stretch of an object along its own axes
+    truncate: bool = True  # objects may leave the image (else they lie wholly inside it)
+    clutter: int = 3  # at most this many unlabeled background strokes
+    textures: bool = True  # class-independent textures on objects (else solid colours)
+    balanced: bool = False  # equal class frequencies (else the long tail, disc ~7x star)
+    # grey backgrounds and saturated objects: objectness is seen in the colour, as in photographs
+    # where things differ from stuff (else any colour on any colour: objectness from shape alone)
+    grey_background: bool = False
 
 
 def voc_palette() -> list[int]:
@@ -88,33 +107,51 @@ def _random_colour(rng: np.random.Generator) -> np.ndarray:
     return rng.uniform(0.1, 1.0, size=3).astype(np.float32)
 
 
-def render(seed: int, split: str, index: int, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+def _grey(rng: np.random.Generator) -> np.ndarray:
+    return np.full(3, rng.uniform(0.15, 0.7), np.float32)
+
+
+def _saturated(rng: np.random.Generator) -> np.ndarray:
+    """A random hue at full saturation, value in [0.6, 1]."""
+    hue, value = rng.uniform(0, 6), rng.uniform(0.6, 1.0)
+    rgb = np.clip(np.abs((hue + np.array([0.0, 4.0, 2.0])) % 6 - 3) - 1, 0, 1)
+    return (value * rgb).astype(np.float32)
+
+
+def render(
+    seed: int, split: str, index: int, size: int = 64, scene: Scene = Scene()
+) -> tuple[np.ndarray, np.ndarray]:
     """One (image uint8 HxWx3, label uint8 HxW) pair; deterministic in its arguments."""
     rng = np.random.default_rng([seed, 0 if split == "train" else 1, index])
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
 
     # Background: two colours blended by smooth noise, plus fine grain.
-    c1, c2 = _random_colour(rng), _random_colour(rng)
+    back = _grey if scene.grey_background else _random_colour
+    c1, c2 = back(rng), back(rng)
     w = _smooth_noise(rng, size, int(rng.integers(2, 6)))[..., None]
     img = c1 * w + c2 * (1 - w)
     img += rng.normal(0, 0.04, size=(size, size, 3)).astype(np.float32)
     label = np.zeros((size, size), np.uint8)
 
     # Clutter: background strokes with object-like colours (never labelled).
-    for _ in range(rng.integers(0, 4)):
+    for _ in range(rng.integers(0, scene.clutter + 1)):
         x0, y0 = rng.uniform(0, size, 2)
         ang = rng.uniform(0, np.pi)
         length, width = rng.uniform(0.2, 0.6) * size, rng.uniform(1.0, 2.5)
         du, dv = (xx - x0) * np.cos(ang) + (yy - y0) * np.sin(ang), -(xx - x0) * np.sin(ang) + (yy - y0) * np.cos(ang)
         stroke = (abs(du) <= length / 2) & (abs(dv) <= width / 2)
-        img[stroke] = _random_colour(rng)
+        img[stroke] = back(rng)
 
     # Objects, painted back to front so later ones occlude earlier ones.
-    for _ in range(rng.integers(1, 5)):
-        cls = 1 + int(rng.choice(len(CLASS_FREQ), p=CLASS_FREQ))
-        radius = rng.uniform(0.10, 0.32) * size
-        aspect = rng.uniform(0.75, 1.33)
-        cx, cy = rng.uniform(-0.05, 1.05, 2) * size
+    freq = np.full(len(CLASS_FREQ), 1 / len(CLASS_FREQ)) if scene.balanced else CLASS_FREQ
+    for _ in range(rng.integers(scene.objects[0], scene.objects[1] + 1)):
+        cls = 1 + int(rng.choice(len(freq), p=freq))
+        radius = rng.uniform(*scene.radius) * size
+        aspect = rng.uniform(*scene.aspect)
+        # every shape lies within 1.15 of its unit radius (the square's corners reach 0.8 * sqrt 2)
+        margin = 0.0 if scene.truncate else min(0.5, 1.15 * radius * max(aspect, 1 / aspect) / size)
+        lo, hi = (-0.05, 1.05) if scene.truncate else (margin, 1 - margin)
+        cx, cy = rng.uniform(lo, hi, 2) * size
         ang = rng.uniform(0, 2 * np.pi)
         dx, dy = xx - cx, yy - cy
         u = (dx * np.cos(ang) + dy * np.sin(ang)) / (radius * aspect)
@@ -122,7 +159,8 @@ def render(seed: int, split: str, index: int, size: int = 64) -> tuple[np.ndarra
         inside = _shape(cls, u, v)
         if not inside.any():
             continue
-        shade = _texture(rng, u, v, size)[..., None] * _random_colour(rng)
+        texture = _texture(rng, u, v, size)[..., None] if scene.textures else 1.0
+        shade = texture * (_saturated(rng) if scene.grey_background else _random_colour(rng))
         img = np.where(inside[..., None], shade, img)
         label[inside] = cls
 
@@ -137,7 +175,9 @@ def render(seed: int, split: str, index: int, size: int = 64) -> tuple[np.ndarra
     return image, label
 
 
-def generate(out_dir: Path, n_train: int, n_val: int, size: int = 64, seed: int = 0) -> dict[str, int]:
+def generate(
+    out_dir: Path, n_train: int, n_val: int, size: int = 64, seed: int = 0, scene: Scene = Scene()
+) -> dict[str, int]:
     """Write the dataset as `VOCdevkit/VOC2012`-style tree into `out_dir` (atomically)."""
     out_dir = Path(out_dir)
     tmp = out_dir.parent / f".tmp-{out_dir.name}-{os.getpid()}"
@@ -151,7 +191,7 @@ def generate(out_dir: Path, n_train: int, n_val: int, size: int = 64, seed: int 
     for split, n in (("train", n_train), ("val", n_val)):
         ids = [f"{split}_{i:06d}" for i in range(n)]
         for i, name in enumerate(tqdm(ids, desc=f"synthetic {split}", unit="img", mininterval=2)):
-            image, label = render(seed, split, i, size)
+            image, label = render(seed, split, i, size, scene)
             Image.fromarray(image).save(tmp / "JPEGImages" / f"{name}.jpg", quality=95)
             mask = Image.frombytes("P", (size, size), label.tobytes())
             mask.putpalette(palette)
