@@ -139,8 +139,9 @@ def run(args: argparse.Namespace) -> dict:
 def table() -> str:
     rows = [json.loads(line) for line in OUT.read_text().splitlines() if line.strip()]
     lines = [
-        "| candidate | patch | split | variant | seed | steps | s/step (cpu) | mIoU by step (best of student/teacher) | teacher kept (last) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| root | candidate | patch | split | variant | seed | steps | s/step (cpu) "
+        "| mIoU by step (best of student/teacher) | teacher kept (last) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         curve = " ".join(
@@ -151,7 +152,7 @@ def table() -> str:
         fg = sum(1 for k, v in kept.items() if k != "background" and v > 0)
         kept_s = f"{fg} fg classes" if r["variant"] != "supervised" else ""
         lines.append(
-            f"| {r['cand']} | {r['set'] or ''} | {r['split']} | {r['variant']} | {r['seed']} | {r['steps']} "
+            f"| {Path(r.get('root', str(ROOT))).name} | {r['cand']} | {r['set'] or ''} | {r['split']} | {r['variant']} | {r['seed']} | {r['steps']} "
             f"| {r['s_per_step_cpu']:.3f} | {curve} | {kept_s} |"
         )
     return "\n".join(lines)

@@ -55,6 +55,32 @@ def test_committed_lock_matches_the_committed_code(tmp_path):
     )
 
 
+def test_committed_demo_results_show_dssn_at_work():
+    """Issue 14's acceptance on the demo's committed results, which `dvc repro` of the committed
+    code wrote (the test above: dvc.lock matches the code). The tiny configuration of the
+    end-to-end tests cannot show learning: 4 steps (even 60) leave its teacher below CPLG's gate."""
+    runs = [json.loads(p.read_text()) for p in sorted((REPO / "results/runs/demo").glob("*.json"))]
+    assert runs, "no committed demo results: run `make demo` and commit results/"
+    cells = {(r["split"], r["variant"]): r for r in runs}
+    floor = {round(r["final/miou_background_only"], 6) for r in runs}
+    assert len(floor) == 1, "one val set, one background-only level"
+    level = floor.pop()
+    for key, r in cells.items():
+        assert r["final/miou_best"] >= level + 10, (key, r["final/miou_best"], level)
+    sup = {split: r["final/miou_best"] for (split, variant), r in cells.items() if variant == "supervised"}
+    assert sup["1_4"] >= sup["1_16"] + 10, sup
+    dssn = [r for (_, variant), r in cells.items() if variant == "dssn"]
+    assert dssn and ("1_16", "supervised") in cells  # the semi-supervised comparison at 1/16
+    for r in dssn:
+        assert all(h["train/loss_s"] > 0 for h in r["history"][1:]), r["history"]
+        kept = {
+            k.split("/")[1]
+            for k, v in r["metrics"].items()
+            if k.startswith("pseudo_kept_teacher/") and k != "pseudo_kept_teacher/background" and v > 0
+        }
+        assert len(kept) >= 3, kept
+
+
 @pytest.mark.slow
 def test_experiments_metrics_plots_and_mlflow(tmp_path):
     work = copy_repo(tmp_path / "repo")

@@ -129,6 +129,15 @@ def test_dvc_repro_end_to_end(tmp_path):
     assert (work / "results/plots/demo_miou_vs_labels.png").stat().st_size > 1000
     assert (work / "results/metrics.json").exists()
     assert len(list((work / "results/runs/demo").glob("*.json"))) == 4
+    # The background-only level of the val set is in every result file and above the table (the
+    # demo's cells are judged against it; 4 steps cannot clear it, so only its presence is checked
+    # here: tests/test_dvc_experiments.py checks the committed demo results against it).
+    floors = {
+        round(json.loads(p.read_text())["final/miou_background_only"], 6)
+        for p in (work / "results/runs/demo").glob("*.json")
+    }
+    assert len(floors) == 1 and 0 < floors.pop() < 100 / 7
+    assert "background only:" in table
 
     # MLflow: one parent run for the study, one child per trial with params, epochs and artifacts.
     client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
