@@ -109,7 +109,12 @@ def test_weak_pipeline_matches_reference(ref_semi, tmp_path, monkeypatch, mode, 
         datasets,
         "weak_augment",
         lambda img, mask, crop, rng, pad_value, scale: weak_augment(
-            img, mask, crop, our_rng, pad_value=pad_value, scale=scale  # train.scale's default
+            img,
+            mask,
+            crop,
+            our_rng,
+            pad_value=pad_value,
+            scale=scale,  # train.scale's default
         ),
     )
     lst = _write_list(tmp_path, [pair])
