@@ -188,6 +188,21 @@ def cmd_train(params: Params, root: Path, study: str) -> None:
     for s in summaries:
         best = s.get("final/miou_best")
         print(f"{s['cell']}: best mIoU {best:.2f}" if best is not None else s["cell"])
+    write_trained_marker(root / params.paths.data / "trained" / f"{study}.json", study, summaries)
+
+
+def write_trained_marker(path: Path, study: str, summaries: list[dict]) -> Path:
+    """The per-clone output of `train@<study>` (git-ignored, beside the data).
+
+    The study's result files are committed, but its MLflow runs, checkpoints and Ray results live
+    only where it was trained: without an output a fresh clone lacks, `dvc repro` there would skip
+    the training and leave an empty MLflow UI. Its content is deterministic (the study and its
+    cells, no run ids or times), so checking out another commit with the same cells does not make
+    DVC retrain."""
+    from pipeline.io import write_json
+
+    cells = sorted(str(s["cell"]) for s in summaries)
+    return write_json(path, {"study": study, "cells": cells})
 
 
 def cmd_sweep(params: Params, root: Path, name: str) -> None:
