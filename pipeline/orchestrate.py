@@ -689,7 +689,7 @@ def run_cells(
     "metric": ..., "mode": ...}: exploration sweeps (ASHA/Optuna) whose trials may be stopped early.
     """
     from pipeline.preflight import check_before_work
-    from pipeline.studystate import commit, drop_untracked, reconcile, settle_runs
+    from pipeline.studystate import commit, reconcile, settle_runs
     from pipeline.tracking import (
         ensure_experiment,
         finish_run,
@@ -716,13 +716,6 @@ def run_cells(
     cell_keys = {s.cell: _hash([spec_dicts[s.cell], search_id, fingerprint([s])]) for s in specs}
     exp_dir = Store.at(paths.ray_results) / exp_name
     state = reconcile(runs_dir, sorted(spec_dicts), cell_keys, exp_name, search is not None)
-    if search is None:  # a committed result without its MLflow run (a fresh clone) is trained again
-        foreign = drop_untracked(uri, f"dssn/{name}", state)
-        if foreign:
-            print(
-                f"{name}: {len(foreign)} result file(s) without their MLflow run in {uri} "
-                "(a fresh clone's committed results): training them here"
-            )
     settle_runs(uri, f"dssn/{name}", state)  # no run is left RUNNING by a killed driver
     if search is None and not state.todo:  # every cell is done: nothing for Ray to do
         commit(runs_dir, set(spec_dicts), exp_dir, None)

@@ -82,38 +82,6 @@ def commit(runs_dir: Path, keep: set[str], exp_dir: Store, attempt: str | None) 
     return removed
 
 
-def drop_untracked(uri: str, experiment_name: str, state: StudyState) -> list[str]:
-    """Done cells whose MLflow run is not in this tracking store go back to `todo`; returns them.
-
-    Result files are committed (DVC compares them across revisions), their MLflow runs, weights and
-    Ray results are not: in a fresh clone the committed results would otherwise count as done, and
-    `make demo` would train nothing and leave an empty MLflow UI. A result file is done only
-    together with its run. (Pointing a study at a new tracking server therefore retrains it.)
-    """
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(experiment_name)
-    foreign = []
-    for cell, done in sorted(state.done.items()):
-        run_id = done.get("mlflow_run_id")
-        try:
-            ok = (
-                exp is not None
-                and bool(run_id)
-                and client.get_run(run_id).info.experiment_id == exp.experiment_id
-            )
-        except MlflowException:
-            ok = False
-        if not ok:
-            foreign.append(cell)
-    for cell in foreign:
-        del state.done[cell]
-    state.todo = sorted({*state.todo, *foreign})
-    return foreign
-
-
 def settle_runs(uri: str, experiment_name: str, state: StudyState) -> None:
     """Close what a killed driver left RUNNING before new work starts: the run of a cell whose
     result file was written ends FINISHED, every other run of the study KILLED.
