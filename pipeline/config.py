@@ -66,19 +66,12 @@ class SyntheticCfg:
         _check(0 <= self.clutter <= 16, f"{key}.clutter", "an integer in [0, 16]", self.clutter)
 
     def scene(self) -> Any:
-        """The generator's Scene (imported here: config stays free of numpy/PIL at import)."""
+        """The generator's Scene from the fields of the same names (imported here: config stays
+        free of numpy/PIL at import; lists become the Scene's tuples)."""
         from pipeline.data.synthetic import Scene
 
-        return Scene(
-            objects=tuple(self.objects),
-            radius=tuple(self.radius),
-            aspect=tuple(self.aspect),
-            truncate=self.truncate,
-            clutter=self.clutter,
-            textures=self.textures,
-            balanced=self.balanced,
-            grey_background=self.grey_background,
-        )
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(Scene)}
+        return Scene(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 @dataclass(frozen=True)

@@ -466,7 +466,7 @@ def fit(
     k = spec.dataset.num_classes
 
     root, split_dir = Path(spec.root), Path(spec.split_dir)
-    scale = (cfg.scale[0], cfg.scale[1])
+    scale = tuple(cfg.scale)
     unl = SegList(root, split_dir / spec.split / "unlabeled.txt", "train_u", cfg.crop, scale=scale)
     if mcfg.epoch_pass == "labeled":  # the reference supervised.py: one pass over the labeled list
         lab = SegList(root, split_dir / spec.split / "labeled.txt", "train_l", cfg.crop, scale=scale)

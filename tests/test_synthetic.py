@@ -112,3 +112,11 @@ def test_train_scale_reaches_the_weak_view(tmp_path):
         m = same[0]["mask"].numpy()
         assert np.array_equal(m, raw) or np.array_equal(m, raw[:, ::-1])
     assert any(not np.array_equal(ref[0]["mask"].numpy(), raw) for _ in range(6))
+
+
+def test_config_scene_defaults_are_the_generators():
+    """`datasets.<d>.source.synthetic` repeats Scene's defaults (config imports no numpy): they must
+    stay equal, or a params.yaml without scene keys would no longer draw the benchmark."""
+    from pipeline.config import SyntheticCfg
+
+    assert SyntheticCfg().scene() == Scene()
